@@ -1,0 +1,123 @@
+"""The ``detkd`` command. Each subcommand is a thin layer over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from detkd.errors import DataError, DetkdError
+
+
+def _synth(args) -> None:
+    from detkd.data.synth import SynthConfig, generate_synthetic
+
+    data_yaml = generate_synthetic(
+        args.out, train=args.train, val=args.val, seed=args.seed, cfg=SynthConfig(imgsz=args.imgsz)
+    )
+    print(f"YOLO data: {data_yaml}")
+    for split in ("train", "val"):
+        print(f"COCO {split}: {Path(args.out) / 'annotations' / f'instances_{split}.json'}")
+
+
+def _data_check(args) -> int:
+    from detkd.data import check_dataset
+
+    report = check_dataset(args.data, images_dir=args.images)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _data_convert(args) -> None:
+    from detkd.data import convert
+
+    print(convert(args.data, args.to, args.out, images_dir=args.images))
+
+
+def _eval(args) -> None:
+    from detkd.evaluation import evaluate_checkpoint, format_table
+
+    out = args.out or str(Path("runs/eval") / Path(args.model).stem / "metrics.json")
+    metrics = evaluate_checkpoint(
+        args.model,
+        args.data,
+        imgsz=args.imgsz,
+        out=out,
+        images_dir=args.images,
+        split=args.split,
+        batch=args.batch,
+        device=args.device,
+    )
+    print(format_table({Path(args.model).stem: metrics}))
+    print(f"metrics: {out}")
+
+
+def _quickstart(args) -> None:
+    from detkd.quickstart import quickstart
+
+    quickstart(args.dir, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detkd", description="Knowledge distillation and transfer for object detectors."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="the main job on built-in synthetic data, end to end")
+    p.add_argument("--dir", default="runs/quickstart", help="where data and runs go (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="override the training budget (smoke runs)")
+    p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=1000, help="training images (default: %(default)s)")
+    p.add_argument("--val", type=int, default=200, help="validation images (default: %(default)s)")
+    p.add_argument("--imgsz", type=int, default=160, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the set is a pure function of the seed (default: %(default)s)")
+    p.set_defaults(func=_synth)
+
+    data = sub.add_parser("data", help="check or convert detection data sets").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    images_help = "image folder for a COCO json (default: beside the json or its parent)"
+    p = data.add_parser("check", help="report unreadable images, bad labels, missing files, duplicate ids")
+    p.add_argument("data", help="YOLO data .yaml or COCO instances .json")
+    p.add_argument("--images", help=images_help)
+    p.set_defaults(func=_data_check)
+    p = data.add_parser("convert", help="convert between COCO json and YOLO layouts, keeping ids and names")
+    p.add_argument("data", help="YOLO data .yaml or COCO instances .json")
+    p.add_argument("--to", required=True, choices=("coco", "yolo"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--images", help=images_help)
+    p.set_defaults(func=_data_convert)
+
+    p = sub.add_parser("eval", help="COCO mAP (12-number table) of an Ultralytics checkpoint")
+    p.add_argument("--model", required=True, help="Ultralytics checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="YOLO data .yaml or COCO instances .json")
+    p.add_argument("--imgsz", type=int, default=640, help="inference size (default: %(default)s)")
+    p.add_argument("--out", help="metrics JSON (default: runs/eval/<model>/metrics.json); detections go beside it")
+    p.add_argument("--images", help=images_help)
+    p.add_argument("--split", default="val", help="split of a YOLO data yaml (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, 0, 0,1 ... (default: Ultralytics' choice)")
+    p.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except DataError as e:
+        if e.report is not None:
+            print(e.report.format(), file=sys.stderr)
+        print(f"detkd: error: {e}", file=sys.stderr)
+        return 2
+    except DetkdError as e:
+        print(f"detkd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

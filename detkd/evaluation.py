@@ -1,0 +1,189 @@
+"""COCO evaluation for every kind of model: the metric comes from pycocotools, detections from anywhere.
+
+:func:`coco_evaluate` takes detections in COCO's result format (``image_id, category_id, bbox xywh, score``),
+so an Ultralytics model (:func:`predict_ultralytics`), a torchvision model or an ONNX session only need to
+produce that list. The twelve numbers are exactly ``COCOeval.stats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from detkd.data.dataset import DetectionDataset
+from detkd.errors import DetkdError
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_METRIC_HELP = {
+    "AP": "AP @[IoU=0.50:0.95 | area=all | maxDets=100]",
+    "AP50": "AP @[IoU=0.50 | area=all | maxDets=100]",
+    "AP75": "AP @[IoU=0.75 | area=all | maxDets=100]",
+    "APs": "AP @[IoU=0.50:0.95 | area=small | maxDets=100]",
+    "APm": "AP @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "APl": "AP @[IoU=0.50:0.95 | area=large | maxDets=100]",
+    "AR1": "AR @[IoU=0.50:0.95 | area=all | maxDets=1]",
+    "AR10": "AR @[IoU=0.50:0.95 | area=all | maxDets=10]",
+    "AR100": "AR @[IoU=0.50:0.95 | area=all | maxDets=100]",
+    "ARs": "AR @[IoU=0.50:0.95 | area=small | maxDets=100]",
+    "ARm": "AR @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "ARl": "AR @[IoU=0.50:0.95 | area=large | maxDets=100]",
+}
+
+
+def coco_evaluate(ground_truth: DetectionDataset | dict, detections: list[dict]) -> dict[str, float]:
+    """The 12 COCO numbers of ``detections`` against ``ground_truth`` (-1 where a bucket has no objects)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_dict = ground_truth.to_coco() if isinstance(ground_truth, DetectionDataset) else ground_truth
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; the table is ours to print
+        coco_gt = COCO()
+        coco_gt.dataset = gt_dict
+        coco_gt.createIndex()
+        if detections:
+            coco_dt = coco_gt.loadRes([dict(d) for d in detections])  # loadRes adds keys in place: copy
+        else:  # loadRes cannot take an empty list; no detections is a valid (zero) result
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": gt_dict["images"], "categories": gt_dict["categories"], "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats)}
+
+
+def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    """The COCO table with one column per model, rows in COCO's order."""
+    names = list(results)
+    width = max(8, *(len(n) for n in names))
+    lines = [f"{'metric':<46}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    for key in COCO_METRICS:
+        row = f"{key + '  ' + _METRIC_HELP[key]:<46}"
+        row += "".join(f"{results[n][key]:>{width + 2}.4f}" for n in names)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def class_to_category(model_names: Mapping[int, str], dataset: DetectionDataset) -> dict[int, int]:
+    """Map a model's class indices to the data set's category ids by name.
+
+    Classes the data set lacks are left out (their detections are dropped). Names are compared
+    case-insensitively with ``_`` and spaces treated alike, so ``traffic light`` matches ``traffic_light``.
+    """
+
+    def norm(s: str) -> str:
+        return s.strip().lower().replace("_", " ")
+
+    by_name = {norm(c.name): c.id for c in dataset.categories}
+    mapping = {i: by_name[norm(n)] for i, n in model_names.items() if norm(n) in by_name}
+    if not mapping:
+        raise DetkdError(
+            f"{dataset.source}: none of the model's classes ({', '.join(list(model_names.values())[:8])}, ...) "
+            f"is a category of the data set ({', '.join(c.name for c in dataset.categories[:8])}, ...)"
+        )
+    return mapping
+
+
+def predict_ultralytics(
+    model,
+    dataset: DetectionDataset,
+    imgsz: int = 640,
+    batch: int = 16,
+    device: str | None = None,
+    conf: float = 0.001,
+    iou: float = 0.7,
+    max_det: int = 300,
+) -> list[dict]:
+    """COCO-format detections of an Ultralytics model (a path or a ``YOLO``) on every image of ``dataset``.
+
+    ``conf``/``iou``/``max_det`` are Ultralytics' own validation settings, the ones mAP is reported with.
+    """
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics import YOLO
+
+    if not isinstance(model, YOLO):
+        model = load_yolo_checkpoint(model)
+    mapping = class_to_category(model.names, dataset)
+    detections = []
+    paths = [str(im.path) for im in dataset.images]
+    for start in range(0, len(paths), batch):
+        chunk = dataset.images[start : start + batch]
+        results = model.predict(
+            paths[start : start + batch], imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, device=device, verbose=False
+        )
+        for image, result in zip(chunk, results):
+            detections.extend(_to_coco_results(image.id, result.boxes, mapping))
+    return detections
+
+
+def _to_coco_results(image_id: int, boxes, mapping: Mapping[int, int]) -> Iterable[dict]:
+    xyxy, scores, classes = boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.int().tolist()
+    for (x0, y0, x1, y1), score, cls in zip(xyxy, scores, classes):
+        if cls in mapping:
+            yield {
+                "image_id": image_id,
+                "category_id": mapping[cls],
+                "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                "score": round(score, 5),
+            }
+
+
+def load_yolo_checkpoint(path: str | os.PathLike):
+    """``YOLO(path)`` with a one-line error for a missing or unreadable file instead of a download attempt."""
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics import YOLO
+
+    path = Path(path)
+    if path.suffix in {".yaml", ".yml"}:
+        raise DetkdError(f"{path}: a model config has no trained weights; give a checkpoint (.pt)")
+    if not path.is_file():
+        raise DetkdError(f"{path}: checkpoint not found (detkd never downloads weights: give a local file)")
+    try:
+        return YOLO(str(path))
+    except Exception as e:  # torch.load / unpickling errors: a corrupt or foreign file
+        raise DetkdError(f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {e})") from e
+
+
+def save_json(obj, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (a killed run never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate_checkpoint(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    imgsz: int = 640,
+    out: str | os.PathLike | None = None,
+    images_dir: str | os.PathLike | None = None,
+    split: str = "val",
+    batch: int = 16,
+    device: str | None = None,
+) -> dict[str, float]:
+    """Evaluate an Ultralytics checkpoint on a COCO json or YOLO data yaml; write metrics and detections.
+
+    Metrics go to ``out`` (default ``runs/eval/<model stem>/metrics.json``), detections beside it as
+    ``<out stem>.detections.json``, ready for ``COCO.loadRes``.
+    """
+    from detkd.data import load_data
+
+    dataset = load_data(data, split=split, images_dir=images_dir)
+    detections = predict_ultralytics(model, dataset, imgsz=imgsz, batch=batch, device=device)
+    metrics = coco_evaluate(dataset, detections)
+    out = Path(out) if out else Path("runs/eval") / Path(model).stem / "metrics.json"
+    save_json(detections, out.with_name(out.stem + ".detections.json"))
+    save_json({"model": str(model), "data": str(data), "split": split, "imgsz": imgsz, **metrics}, out)
+    return metrics

@@ -1,0 +1,79 @@
+"""detkd drives Ultralytics without ever touching the network, and keeps out of the user's config dir."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+# Runs in a fresh interpreter, so that the sockets are blocked before anything imports Ultralytics or torch.
+PIPELINE = textwrap.dedent(
+    """
+    import json, socket, sys
+    attempts = []
+
+    def refuse(name):
+        def blocked(*args, **kwargs):
+            attempts.append(f"{name}{args[1:2] if name == 'connect' else args[:1]}")
+            raise OSError(f"network disabled by test ({name})")
+        return blocked
+
+    socket.socket.connect = refuse("connect")
+    socket.socket.connect_ex = refuse("connect_ex")
+    socket.create_connection = refuse("create_connection")
+    socket.getaddrinfo = refuse("getaddrinfo")
+    socket.gethostbyname = refuse("gethostbyname")
+
+    work = sys.argv[1]
+    try:
+        from detkd.data.synth import SynthConfig, generate_synthetic
+        from detkd.evaluation import evaluate_checkpoint
+        from detkd.runtime import ultralytics_offline
+
+        ultralytics_offline()
+        import torch
+        from ultralytics import YOLO
+
+        data = generate_synthetic(f"{work}/data", train=8, val=4, seed=0, cfg=SynthConfig(imgsz=64))
+        model = YOLO("yolov8n.yaml")
+        model.train(data=str(data), epochs=1, imgsz=64, batch=4, workers=0, project=f"{work}/runs", name="t",
+                    exist_ok=True, plots=True)
+        best = f"{work}/runs/t/weights/best.pt"
+        YOLO(best).val(data=str(data), imgsz=64, batch=4, save_json=True, plots=True, project=f"{work}/runs", name="v")
+        metrics = evaluate_checkpoint(best, f"{work}/data/annotations/instances_val.json", imgsz=64,
+                                      out=f"{work}/eval/metrics.json")
+        onnx = YOLO(best).export(format="onnx", imgsz=64, simplify=True)
+        result = {"attempts": attempts, "threads": torch.get_num_threads(), "onnx": onnx, "AP": metrics["AP"]}
+    except BaseException as e:
+        result = {"attempts": attempts, "error": repr(e)}
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def test_build_train_val_export_never_touches_the_network(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "DETKD_", "XDG_CONFIG", "OMP_"))}
+    env["HOME"] = str(home)
+    proc = subprocess.run(
+        [sys.executable, "-c", PIPELINE, str(tmp_path / "work")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert "error" not in result, result["error"] + proc.stderr[-3000:]
+    assert result["attempts"] == []
+    assert Path(result["onnx"]).is_file()
+    assert 0.0 <= result["AP"] <= 1.0
+    assert result["threads"] == len(os.sched_getaffinity(0))  # every allowed core, not Ultralytics' cores - 1
+    # detkd's own config dir, with the fonts that stop check_font's download; the user's stays untouched
+    assert (home / ".config" / "detkd" / "Ultralytics" / "settings.json").is_file()
+    assert (home / ".config" / "detkd" / "Ultralytics" / "Arial.ttf").is_file()
+    assert not (home / ".config" / "Ultralytics").exists()
