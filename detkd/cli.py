@@ -52,6 +52,18 @@ def _eval(args) -> None:
     print(f"metrics: {out}")
 
 
+def _train(args) -> None:
+    from detkd.engine import distill
+
+    print(f"best: {distill(args.recipe, **_overrides(args.overrides))}")
+
+
+def _overrides(pairs: list[str]) -> dict:
+    from detkd.config import parse_overrides
+
+    return parse_overrides(pairs)
+
+
 def _quickstart(args) -> None:
     from detkd.quickstart import quickstart
 
@@ -68,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="runs/quickstart", help="where data and runs go (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="override the training budget (smoke runs)")
     p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("train", help="distil a teacher into a student from a recipe")
+    p.add_argument("recipe", help="recipe YAML (see configs/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe keys (teacher=, student=, data=, distill.logit.weight=) or any Ultralytics training key",
+    )
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats)")
     p.add_argument("--out", required=True, help="output folder")

@@ -81,3 +81,40 @@ def yolo_yaml(tmp_path: Path) -> Path:
     path = root / "data.yaml"
     path.write_text("train: images/train\nval: images/val\nnames: [cat, dog]\n")
     return path
+
+
+# model fixtures
+# Models built from Ultralytics configs (nothing is downloaded), saved as ordinary Ultralytics checkpoints.
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A tiny synthetic train/val set at 64 px; returns its data.yaml."""
+    from detkd.data.synth import SynthConfig, generate_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    return generate_synthetic(root, train=16, val=8, seed=0, cfg=SynthConfig(imgsz=64))
+
+
+def save_model_checkpoint(cfg: str, names: dict[int, str], path: Path, seed: int = 0) -> Path:
+    """An untrained model from ``cfg`` saved the way Ultralytics saves one (loads with ``YOLO(path)``)."""
+    import torch
+
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, nc=len(names), verbose=False)
+    model.names = dict(names)
+    torch.save({"model": model.half(), "train_args": {}, "epoch": -1}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """An untrained yolov8s over the synthetic classes: a real, wider teacher network for mechanics tests."""
+    from detkd.data.synth import CLASSES
+
+    return save_model_checkpoint("yolov8s.yaml", dict(enumerate(CLASSES)), tmp_path_factory.mktemp("t") / "t.pt")

@@ -1,0 +1,110 @@
+"""Ultralytics detectors (YOLOv8, YOLO11, YOLO26, ... any size) seen through :class:`DetectorView`.
+
+Everything comes from the Detect head's raw output dict (``boxes`` (N, 4·reg_max, A), ``scores`` (N, nc, A),
+``feats`` = the head's inputs), which Ultralytics returns in training and, as the second element, in eval mode:
+no hooks, so nothing extra lives in the model and it still pickles and deep-copies as Ultralytics expects.
+End-to-end heads (YOLO26) return ``one2many`` and ``one2one`` branches; the dense ``one2many`` branch is used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detkd.adapters.view import DetectorView
+from detkd.errors import DetkdError
+
+
+def detect_head(model: nn.Module) -> nn.Module:
+    """The Detect module of an Ultralytics detection model."""
+    from ultralytics.nn.modules.head import Detect
+
+    head = model.model[-1] if hasattr(model, "model") else None
+    if not isinstance(head, Detect):
+        raise DetkdError(f"{type(model).__name__}: not an Ultralytics detection model (no Detect head)")
+    return head
+
+
+class UltralyticsAdapter:
+    """Reads a :class:`DetectorView` off an Ultralytics ``DetectionModel``'s raw head output."""
+
+    def __init__(self, model: nn.Module, branch: str = "one2many"):
+        self.model = model
+        self.head = detect_head(model)
+        self.branch = branch
+
+    @property
+    def names(self) -> dict[int, str]:
+        return dict(self.model.names)
+
+    @property
+    def strides(self) -> list[int]:
+        return [int(s) for s in self.head.stride.tolist()]
+
+    @property
+    def channels(self) -> list[int]:
+        """Channels of the head's input features, from the first conv of each box branch."""
+        branch = self.head.cv2 if self.head.cv2 is not None else self.head.one2one_cv2
+        return [seq[0].conv.in_channels for seq in branch]
+
+    @property
+    def reg_max(self) -> int:
+        return int(self.head.reg_max)
+
+    def view(self, preds) -> DetectorView:
+        """The view of a forward's output: a training dict, or eval mode's ``(detections, dict)``."""
+        from ultralytics.utils.tal import make_anchors
+
+        if isinstance(preds, (tuple, list)):
+            preds = preds[1]
+        if "one2many" in preds:
+            preds = preds[self.branch]
+        feats = list(preds["feats"])
+        n, a = preds["scores"].shape[0], preds["scores"].shape[-1]
+        anchor_points, stride_tensor = make_anchors(feats, self.head.stride, 0.5)
+        box = preds["boxes"].permute(0, 2, 1)  # (N, A, 4 * reg_max)
+        if self.reg_max > 1:
+            box_logits = box.reshape(n, a, 4, self.reg_max)
+            bins = torch.arange(self.reg_max, device=box.device, dtype=box_logits.dtype)
+            box_ltrb = box_logits.softmax(-1) @ bins  # DFL expectation, as Ultralytics' bbox_decode
+        else:
+            box_logits, box_ltrb = None, box
+        return DetectorView(
+            feats=feats,
+            strides=self.strides,
+            names=self.names,
+            cls_logits=preds["scores"].permute(0, 2, 1),
+            box_logits=box_logits,
+            box_ltrb=box_ltrb,
+            anchor_points=anchor_points,
+            stride_tensor=stride_tensor,
+        )
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> DetectorView:
+        """Forward (without gradients) and view; for teachers."""
+        return self.view(self.model(images))
+
+
+def load_ultralytics_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """A frozen, eval-mode Ultralytics detection model from a local checkpoint, for use as a teacher."""
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.nn.tasks import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise DetkdError(f"{path}: teacher checkpoint not found (detkd never downloads weights: give a local file)")
+    try:
+        model, _ = load_checkpoint(str(path), device=device)
+    except Exception as e:
+        raise DetkdError(f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {e})") from e
+    detect_head(model)
+    model = model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,40 @@
+"""The one view of a detector that distillation needs, whatever the detector is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DetectorView:
+    """Neck features and dense head outputs of one forward pass.
+
+    Dense outputs are flattened over the feature levels in ``strides`` order (P3 then P4 then P5), one row per
+    anchor point, as Ultralytics' criterion sees them. A detector without dense outputs (a two-stage teacher) leaves
+    them ``None`` and offers features only.
+    """
+
+    feats: list[Tensor]  # (N, C, H, W) per level, strides 8/16/32
+    strides: list[int]
+    names: dict[int, str]
+    cls_logits: Tensor | None = None  # (N, A, nc) raw, sigmoid per class
+    box_logits: Tensor | None = None  # (N, A, 4, reg_max) raw DFL logits (sides l, t, r, b); None when reg_max == 1
+    box_ltrb: Tensor | None = None  # (N, A, 4) distances from the anchor point, in units of its stride
+    anchor_points: Tensor | None = None  # (A, 2) anchor centres in grid units
+    stride_tensor: Tensor | None = None  # (A, 1)
+
+    @property
+    def reg_max(self) -> int:
+        return 1 if self.box_logits is None else self.box_logits.shape[-1]
+
+    def boxes_xyxy(self, pixels: bool = False) -> Tensor:
+        """Decoded boxes (N, A, 4): in grid units of each anchor's level, or in input pixels."""
+        lt, rb = self.box_ltrb.chunk(2, -1)
+        boxes = torch.cat((self.anchor_points - lt, self.anchor_points + rb), -1)
+        return boxes * self.stride_tensor if pixels else boxes
+
+    def level_sizes(self) -> list[int]:
+        return [f.shape[-2] * f.shape[-1] for f in self.feats]

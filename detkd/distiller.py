@@ -1,0 +1,220 @@
+"""Pairs a student's and a teacher's :class:`DetectorView` and computes the configured distillation terms.
+
+Features pair by stride (P3 with P3 ...), through a connector from student to teacher channels (resized when
+the grids differ). Dense head outputs pair anchor by anchor, so logit and box terms need both heads on the same
+strides and input size. Classes pair by name (or ``class_map``): a COCO-80 teacher can teach a 3-class student;
+student classes the teacher does not know get no logit target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detkd import losses
+from detkd.adapters.view import DetectorView
+from detkd.config import DistillConfig, FeatureLossConfig, ScheduleConfig
+from detkd.errors import DetkdError
+
+
+def build_connector(kind: str, c_in: int, c_out: int) -> nn.Module:
+    """Student → teacher channel map: 1×1 conv (FitNet), + BN, or Ultralytics' conv-ReLU-conv projector."""
+    if kind == "conv":
+        return nn.Conv2d(c_in, c_out, 1)
+    if kind == "conv_bn":
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+    if kind == "mlp":
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.ReLU(inplace=True), nn.Conv2d(c_out, c_out, 1))
+    raise DetkdError(f"recipe: unknown connector {kind!r}")
+
+
+def _norm_name(name: str) -> str:
+    return name.strip().lower().replace("_", " ")
+
+
+def class_pairs(
+    student_names: dict[int, str], teacher_names: dict[int, str], class_map: dict[str, str] | None = None
+) -> tuple[list[int], list[int]]:
+    """(student indices, teacher indices) of the classes both know, by name or by ``class_map``."""
+    by_name = {_norm_name(n): i for i, n in teacher_names.items()}
+    s_idx, t_idx = [], []
+    for i, name in sorted(student_names.items()):
+        target = (class_map or {}).get(name, name)
+        if class_map and name in class_map and _norm_name(target) not in by_name:
+            raise DetkdError(f"recipe: class_map maps '{name}' to '{target}', which the teacher does not have")
+        if _norm_name(target) in by_name:
+            s_idx.append(i)
+            t_idx.append(by_name[_norm_name(target)])
+    return s_idx, t_idx
+
+
+def schedule_factor(cfg: ScheduleConfig, progress: float, epochs: int) -> float:
+    """Distillation weight multiplier at ``progress`` (epochs done, fractional) of ``epochs``."""
+    end = epochs - cfg.stop_last_epochs
+    if progress >= end:
+        return 0.0
+    factor = min(1.0, progress / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
+    span = max(end - cfg.warmup_epochs, 1e-9)
+    t = min(max((progress - cfg.warmup_epochs) / span, 0.0), 1.0)
+    if cfg.decay == "linear":
+        factor *= 1.0 - t
+    elif cfg.decay == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * t))
+    return factor
+
+
+def gt_boxes_per_image(batch: dict, n: int, image_size: tuple[int, int]) -> list[Tensor]:
+    """Ultralytics batch labels (normalised xywh + batch_idx) → one (K, 4) xyxy pixel tensor per image."""
+    h, w = image_size
+    xywh = batch["bboxes"] * torch.tensor([w, h, w, h], device=batch["bboxes"].device, dtype=batch["bboxes"].dtype)
+    xyxy = torch.cat((xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2), 1)
+    idx = batch["batch_idx"].view(-1).long()
+    return [xyxy[idx == i] for i in range(n)]
+
+
+def _weighted_mean(per_anchor: Tensor, weights: Tensor) -> Tensor:
+    """Σ w·ℓ / Σ w over anchors, the sum clamped at 1 as Ultralytics normalises its class loss."""
+    return (per_anchor * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class Distiller(nn.Module):
+    """Learned parts (connectors, MGD generators, FGD context blocks) and the loss computation."""
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        student_channels: list[int],
+        student_strides: list[int],
+        student_names: dict[int, str],
+        teacher_channels: list[int],
+        teacher_strides: list[int],
+        teacher_names: dict[int, str],
+    ):
+        super().__init__()
+        self.cfg = cfg
+        # student level -> teacher level with the same stride
+        self.level_pairs = {i: teacher_strides.index(s) for i, s in enumerate(student_strides) if s in teacher_strides}
+        self.feature_parts = nn.ModuleList()
+        for f in cfg.feature:
+            parts = nn.ModuleDict()
+            for level in f.levels:
+                if level not in self.level_pairs:
+                    raise DetkdError(
+                        f"recipe: feature level {level} of the student (strides {student_strides}) has no teacher "
+                        f"level with the same stride (teacher strides {teacher_strides})"
+                    )
+                c_s, c_t = student_channels[level], teacher_channels[self.level_pairs[level]]
+                parts[str(level)] = self._feature_module(f, c_s, c_t)
+            self.feature_parts.append(parts)
+        dense = cfg.logit.weight > 0 or cfg.box.weight > 0
+        if dense and list(student_strides) != list(teacher_strides):
+            raise DetkdError(
+                f"recipe: logit/box distillation pairs anchors, which needs equal head strides "
+                f"(student {student_strides}, teacher {teacher_strides}); use feature losses only"
+            )
+        s_idx, t_idx = class_pairs(student_names, teacher_names, cfg.class_map)
+        if cfg.logit.weight > 0 and not s_idx:
+            raise DetkdError("recipe: logit distillation needs classes that teacher and student share (none match)")
+        self.register_buffer("student_classes", torch.tensor(s_idx, dtype=torch.long), persistent=False)
+        self.register_buffer("teacher_classes", torch.tensor(t_idx, dtype=torch.long), persistent=False)
+
+    @staticmethod
+    def _feature_module(f: FeatureLossConfig, c_s: int, c_t: int) -> nn.Module:
+        if f.loss == "mgd":
+            return losses.MGDLoss(c_s, c_t, **f.params)
+        if f.loss == "fgd":
+            return losses.FGDLoss(c_s, c_t, **f.params)
+        if f.loss == "pkd" and c_s == c_t:
+            return nn.Identity()  # PKD normalises both sides: equal channels need no connector
+        return build_connector(f.connector, c_s, c_t)
+
+    @property
+    def term_names(self) -> list[str]:
+        """Names of the logged terms, fixed for a run (Ultralytics keys its loss columns on the first batch)."""
+        names = [f"kd_{f.loss}" for f in self.cfg.feature]
+        if len(set(names)) != len(names):  # the same loss twice (e.g. on different levels): number them
+            names = [f"kd_{f.loss}{i}" for i, f in enumerate(self.cfg.feature)]
+        if self.cfg.logit.weight > 0:
+            names.append("kd_cls")
+        if self.cfg.box.weight > 0:
+            names.append("kd_box")
+        return names
+
+    def forward(
+        self, s: DetectorView, t: DetectorView, batch: dict, fg_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Weighted distillation terms (unscaled by the schedule), keyed by :attr:`term_names`."""
+        terms = {}
+        names = iter(self.term_names)
+        image_size = tuple(batch["img"].shape[-2:])
+        teacher_scores = None
+        for f, parts in zip(self.cfg.feature, self.feature_parts):
+            total = 0.0
+            for level, part in parts.items():
+                level = int(level)
+                s_feat, t_feat = s.feats[level].float(), t.feats[self.level_pairs[level]].float().detach()
+                if f.loss == "mgd":
+                    total = total + part(self._resize(s_feat, t_feat), t_feat)
+                elif f.loss == "fgd":
+                    gt = gt_boxes_per_image(batch, s_feat.shape[0], image_size)
+                    total = total + sum(part(self._resize(s_feat, t_feat), t_feat, gt, image_size).values())
+                else:
+                    s_map = self._resize(part(s_feat), t_feat)
+                    if f.loss == "sl2":
+                        if teacher_scores is None:
+                            teacher_scores = self._teacher_level_scores(t)
+                        total = total + losses.score_weighted_l2(s_map, t_feat, teacher_scores[level])
+                    elif f.loss == "pkd":
+                        total = total + losses.pkd(s_map, t_feat)
+                    elif f.loss == "cwd":
+                        total = total + losses.cwd(s_map, t_feat, **f.params)
+                    else:
+                        total = total + losses.fitnet(s_map, t_feat)
+            terms[next(names)] = f.weight * total
+        if self.cfg.logit.weight > 0 or self.cfg.box.weight > 0:
+            t_cls = t.cls_logits.float().detach()[..., self.teacher_classes]
+            s_cls = s.cls_logits.float()[..., self.student_classes]
+        if self.cfg.logit.weight > 0:
+            c = self.cfg.logit
+            per_anchor = losses.kd_sigmoid(s_cls, t_cls, c.temperature, reduction="none", beta=c.qfl_beta).sum(-1)
+            weights = self._location_weights(c.locations, t_cls, fg_mask)
+            terms[next(names)] = c.weight * _weighted_mean(per_anchor, weights)
+        if self.cfg.box.weight > 0:
+            c = self.cfg.box
+            weights = self._location_weights(c.locations, t_cls, fg_mask)
+            if s.reg_max > 1 and s.reg_max == t.reg_max:
+                per_anchor = losses.ld(s.box_logits.float(), t.box_logits.float(), c.temperature, "none").mean(-1)
+                box = _weighted_mean(per_anchor, weights)
+            else:  # no shared distribution: decoded boxes, in grid units so every level weighs alike
+                parts = losses.box_distill(
+                    s.boxes_xyxy().float(), t.boxes_xyxy(), weights=weights, iou_weight=1.0, l1_weight=c.l1_weight
+                )
+                box = parts["giou"] + parts["l1"]
+            terms[next(names)] = c.weight * box
+        return terms
+
+    @staticmethod
+    def _resize(s_map: Tensor, t_feat: Tensor) -> Tensor:
+        if s_map.shape[-2:] != t_feat.shape[-2:]:
+            s_map = F.interpolate(s_map, size=t_feat.shape[-2:], mode="bilinear", align_corners=False)
+        return s_map
+
+    def _teacher_level_scores(self, t: DetectorView) -> list[Tensor]:
+        """Teacher's max class probability per location, split by level: (N, 1, H·W) each (Ultralytics' weights)."""
+        if t.cls_logits is None:
+            raise DetkdError("recipe: the 'sl2' feature loss needs a teacher with dense class scores")
+        scores = t.cls_logits.detach().float().sigmoid().max(-1).values.unsqueeze(1)
+        return list(scores.split(t.level_sizes(), dim=-1))
+
+    @staticmethod
+    def _location_weights(locations: str, t_cls: Tensor, fg_mask: Tensor | None) -> Tensor:
+        if locations == "all":
+            return torch.ones(t_cls.shape[:2], device=t_cls.device)
+        if locations == "teacher":
+            return t_cls.sigmoid().amax(-1) if t_cls.shape[-1] else torch.zeros(t_cls.shape[:2], device=t_cls.device)
+        if fg_mask is None:
+            raise DetkdError("recipe: locations 'positives' needs the student's assigner, which this criterion lacks")
+        return fg_mask.float()

@@ -1,0 +1,5 @@
+"""Training: distillation inside Ultralytics' loop."""
+
+from detkd.engine.api import distill
+
+__all__ = ["distill"]

@@ -1,0 +1,63 @@
+"""The student's training criterion: Ultralytics' own loss plus the distillation terms.
+
+It replaces ``student.criterion`` for the run, so Ultralytics' loop (AMP, accumulation, EMA, logging) runs
+unchanged: each distillation term becomes a loss column (``results.csv``, progress bar). The teacher is held
+here, outside the student's module tree, so it never reaches the optimizer, the EMA or a checkpoint; copies and
+pickles of the student (EMA snapshots, ``last.pt``) get ``criterion = None`` and rebuild a plain one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from detkd.adapters.ultralytics import UltralyticsAdapter
+from detkd.distiller import Distiller
+
+
+class DistillationCriterion:
+    def __init__(self, task, student: UltralyticsAdapter, teacher: UltralyticsAdapter, distiller: Distiller):
+        self.task = task  # Ultralytics' criterion (v8DetectionLoss, E2ELoss, ...)
+        self.student = student
+        self.teacher = teacher
+        self.distiller = distiller
+        self.factor = 1.0  # schedule multiplier, set by the trainer each batch
+        self.nonfinite: dict[str, int] = {}  # term -> batches where it was not finite (reported each epoch)
+        self._fg_mask = None
+        dense_loss = getattr(task, "one2many", task)  # E2E losses: the dense branch's assigner
+        self._hook = dense_loss.assigner.register_forward_hook(self._capture_assignment)
+
+    def _capture_assignment(self, module, inputs, outputs):
+        self._fg_mask = outputs[3]  # (target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
+
+    def __call__(self, preds, batch):
+        loss, items = self.task(preds, batch)
+        names = self.distiller.term_names
+        zero = torch.zeros((), device=loss.device)
+        if not self.student.model.training or self.factor == 0.0:
+            return torch.cat([loss, zero.view(1)]), {**items, **dict.fromkeys(names, zero)}
+        teacher_view = self.teacher(batch["img"])
+        terms = self.distiller(self.student.view(preds), teacher_view, batch, fg_mask=self._fg_mask)
+        total = zero
+        for name in names:
+            value = terms[name]
+            if not torch.isfinite(value):  # keep one bad term from poisoning the step; counted and reported
+                self.nonfinite[name] = self.nonfinite.get(name, 0) + 1
+                value = zero
+            items[name] = value.detach()
+            total = total + value
+        batch_size = batch["img"].shape[0]  # Ultralytics' criteria return loss × batch size
+        return torch.cat([loss, (total * self.factor * batch_size).view(1)]), items
+
+    def __getattr__(self, name):  # update(), loss_names, one2many ... of the wrapped criterion
+        if name == "task":
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        return (type(None), ())

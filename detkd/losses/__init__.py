@@ -1,0 +1,24 @@
+"""Distillation losses for detectors: pure functions where there is nothing to learn, modules where there is.
+
+Feature imitation (``feature``): :func:`fitnet`, :func:`cwd`, :func:`pkd`, :func:`score_weighted_l2`,
+:class:`MGDLoss`, :class:`FGDLoss` (with :func:`fgd_masks`). Logits (``logit``): :func:`kd_sigmoid`. Boxes
+(``box``): :func:`ld`, :func:`box_distill`. Teacher inputs are always detached inside the losses.
+"""
+
+from detkd.losses.box import box_distill, ld
+from detkd.losses.feature import FGDLoss, GlobalContext, MGDLoss, cwd, fgd_masks, fitnet, pkd, score_weighted_l2
+from detkd.losses.logit import kd_sigmoid
+
+__all__ = [
+    "FGDLoss",
+    "GlobalContext",
+    "MGDLoss",
+    "box_distill",
+    "cwd",
+    "fgd_masks",
+    "fitnet",
+    "kd_sigmoid",
+    "ld",
+    "pkd",
+    "score_weighted_l2",
+]

@@ -1,0 +1,150 @@
+"""The distiller pairs levels, anchors and classes correctly, and its terms behave as their definitions say."""
+
+import math
+
+import pytest
+import torch
+
+from detkd.adapters.ultralytics import UltralyticsAdapter
+from detkd.config import BoxLossConfig, DistillConfig, FeatureLossConfig, LogitLossConfig, ScheduleConfig
+from detkd.distiller import Distiller, class_pairs, gt_boxes_per_image, schedule_factor
+from detkd.errors import DetkdError
+from detkd.runtime import ultralytics_offline
+
+ultralytics_offline()
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.utils import YAML  # noqa: E402
+from ultralytics.utils.checks import check_yaml  # noqa: E402
+
+COCO_NAMES = YAML.load(check_yaml("coco8.yaml"))["names"]
+SYNTH = {0: "car", 1: "truck", 2: "bus", 3: "motorcycle", 4: "bicycle", 5: "person", 6: "traffic_light", 7: "stop_sign"}
+
+
+def _model(cfg: str, names: dict[int, str], seed: int = 0) -> DetectionModel:
+    torch.manual_seed(seed)
+    m = DetectionModel(cfg, nc=len(names), verbose=False)
+    m.names = dict(names)
+    return m
+
+
+def _distiller(cfg: DistillConfig, student: UltralyticsAdapter, teacher: UltralyticsAdapter) -> Distiller:
+    return Distiller(
+        cfg, student.channels, student.strides, student.names, teacher.channels, teacher.strides, teacher.names
+    )
+
+
+def _batch(n=2, size=64):
+    return {
+        "img": torch.rand(n, 3, size, size),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.5, 0.25], [0.25, 0.25, 0.125, 0.125]]),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [2.0]]),
+    }
+
+
+def test_classes_pair_by_name_across_label_sets():
+    s_idx, t_idx = class_pairs(SYNTH, COCO_NAMES)
+    assert s_idx == list(range(8))
+    assert [COCO_NAMES[i] for i in t_idx] == [
+        "car",
+        "truck",
+        "bus",
+        "motorcycle",
+        "bicycle",
+        "person",
+        "traffic light",
+        "stop sign",
+    ]
+    s_idx, t_idx = class_pairs({0: "vehicle", 1: "person"}, COCO_NAMES, {"vehicle": "car"})
+    assert (s_idx, t_idx) == ([0, 1], [2, 0])
+    with pytest.raises(DetkdError, match="zebra crossing"):
+        class_pairs({0: "road"}, COCO_NAMES, {"road": "zebra crossing"})
+
+
+def test_schedule_warms_up_decays_and_stops():
+    cfg = ScheduleConfig(warmup_epochs=2, decay="linear", stop_last_epochs=2)
+    # 10 epochs: warm-up over [0, 2), linear decay from 1 at epoch 2 towards 0 at epoch 8, off for the last 2
+    assert [schedule_factor(cfg, p, 10) for p in (0, 1, 2, 5, 8, 9.5)] == pytest.approx([0, 0.5, 1, 0.5, 0, 0])
+    cosine = ScheduleConfig(decay="cosine")
+    assert schedule_factor(cosine, 5, 10) == pytest.approx(0.5)
+    assert schedule_factor(cosine, 2.5, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_gt_boxes_come_back_in_pixels_per_image():
+    boxes = gt_boxes_per_image(_batch(), 2, (64, 64))
+    torch.testing.assert_close(boxes[0], torch.tensor([[16.0, 24.0, 48.0, 40.0]]))
+    torch.testing.assert_close(boxes[1], torch.tensor([[12.0, 12.0, 20.0, 20.0]]))
+
+
+def test_teacher_equal_to_student_gives_zero_imitation_and_stationary_logit_terms():
+    model = _model("yolov8n.yaml", SYNTH).eval()
+    adapter = UltralyticsAdapter(model)
+    cfg = DistillConfig(
+        feature=[FeatureLossConfig(loss="cwd"), FeatureLossConfig(loss="pkd")],
+        logit=LogitLossConfig(weight=1.0, locations="all"),
+        box=BoxLossConfig(weight=1.0, locations="all"),
+    )
+    distiller = _distiller(cfg, adapter, adapter)
+    with torch.no_grad():
+        view = adapter.view(model(_batch()["img"]))
+    assert distiller.term_names == ["kd_cwd", "kd_pkd", "kd_cls", "kd_box"]
+    # PKD needs no connector for equal channels: identical features give exactly zero
+    feats = [f.clone().requires_grad_(True) for f in view.feats]
+    logits = view.cls_logits.clone().requires_grad_(True)
+    boxes = view.box_logits.clone().requires_grad_(True)
+    view_s = type(view)(**{**view.__dict__, "feats": feats, "cls_logits": logits, "box_logits": boxes})
+    terms = distiller(view_s, view, _batch())
+    assert terms["kd_pkd"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["kd_box"].item() == pytest.approx(0.0, abs=1e-6)  # LD: KL of equal distributions
+    terms["kd_cls"].backward()
+    assert logits.grad.abs().max().item() < 1e-6  # soft-target BCE is at its minimum when student == teacher
+
+
+def test_gradients_reach_student_and_connectors_only():
+    student, teacher = _model("yolov8n.yaml", SYNTH), _model("yolov8s.yaml", COCO_NAMES).eval()
+    s, t = UltralyticsAdapter(student), UltralyticsAdapter(teacher)
+    cfg = DistillConfig(
+        feature=[
+            FeatureLossConfig(loss="cwd"),
+            FeatureLossConfig(loss="mgd"),
+            FeatureLossConfig(loss="fgd"),
+            FeatureLossConfig(loss="sl2", connector="mlp"),
+        ],
+        logit=LogitLossConfig(weight=1.0),
+        box=BoxLossConfig(weight=1.0),
+    )
+    distiller = _distiller(cfg, s, t)
+    batch = _batch()
+    student.train()
+    terms = distiller(s.view(student(batch["img"])), t(batch["img"]), batch)
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values()), terms
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.model[0].conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in distiller.feature_parts[0].parameters())
+
+
+def test_decoded_box_distillation_for_heads_without_distributions():
+    student, teacher = _model("yolo26n.yaml", SYNTH), _model("yolov8s.yaml", COCO_NAMES).eval()
+    s, t = UltralyticsAdapter(student), UltralyticsAdapter(teacher)
+    distiller = _distiller(DistillConfig(box=BoxLossConfig(weight=1.0, locations="all")), s, t)
+    batch = _batch()
+    view_s = s.view(student.train()(batch["img"]))
+    assert view_s.box_logits is None
+    terms = distiller(view_s, t(batch["img"]), batch)
+    assert terms["kd_box"] > 0 and torch.isfinite(terms["kd_box"])
+
+
+def test_mismatched_strides_refuse_dense_terms():
+    student = _model("yolov8n.yaml", SYNTH)
+    s = UltralyticsAdapter(student)
+    with pytest.raises(DetkdError, match="equal head strides"):
+        Distiller(
+            DistillConfig(logit=LogitLossConfig(weight=1.0)),
+            s.channels,
+            s.strides,
+            s.names,
+            [64, 128, 256, 512],
+            [4, 8, 16, 32],
+            COCO_NAMES,
+        )

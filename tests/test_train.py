@@ -1,0 +1,136 @@
+"""End-to-end distillation inside Ultralytics' loop on tiny data: logging, frozen teacher, plain checkpoints."""
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_model_checkpoint
+
+from detkd.config import load_recipe
+from detkd.engine.trainer import trainer_for
+from detkd.errors import DetkdError
+
+TRAIN = {"epochs": 2, "imgsz": 64, "batch": 8, "workers": 0, "plots": False, "val": True, "exist_ok": True}
+
+
+def _state_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def distilled_run(synth_data, teacher_checkpoint, tmp_path_factory):
+    """One short run of the recommended recipe; records what the trainer looked like while it trained."""
+    project = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe("configs/recommended.yaml", {"teacher": str(teacher_checkpoint), "data": str(synth_data)})
+    trainer = trainer_for(recipe)(
+        overrides={"model": "yolov8n.yaml", "data": str(synth_data), "project": str(project), "name": "kd", **TRAIN}
+    )
+    seen = {}
+
+    def inspect(tr):
+        teacher = tr.teacher.model
+        optimized = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+        seen.setdefault("teacher_hash_start", _state_hash(teacher))
+        seen["teacher_training"] = teacher.training
+        seen["teacher_requires_grad"] = any(p.requires_grad for p in teacher.parameters())
+        seen["teacher_in_optimizer"] = any(id(p) in optimized for p in teacher.parameters())
+        seen["distiller_in_optimizer"] = all(id(p) in optimized for p in tr.distiller.parameters())
+        seen["teacher_in_ema"] = any(p is q for p in tr.ema.ema.parameters() for q in teacher.parameters())
+        seen["ema_size"] = sum(p.numel() for p in tr.ema.ema.parameters())
+        seen["teacher_hash_end"] = _state_hash(teacher)
+
+    trainer.add_callback("on_train_epoch_end", inspect)
+    trainer.train()
+    return trainer, seen
+
+
+def test_each_distillation_term_is_a_results_column(distilled_run):
+    trainer, _ = distilled_run
+    rows = list(csv.DictReader((Path(trainer.save_dir) / "results.csv").read_text().splitlines()))
+    assert len(rows) == 2
+    for term in ("train/kd_cwd", "train/kd_cls", "train/kd_box"):
+        assert float(rows[-1][term]) > 0, term  # computed and logged (epoch 1 starts at warm-up factor 0)
+    assert "metrics/mAP50-95(B)" in rows[-1]  # Ultralytics' validation ran as usual
+
+
+def test_teacher_frozen_outside_optimizer_and_ema_and_unchanged(distilled_run, teacher_checkpoint):
+    _, seen = distilled_run
+    assert seen["teacher_training"] is False
+    assert seen["teacher_requires_grad"] is False
+    assert seen["teacher_in_optimizer"] is False and seen["teacher_in_ema"] is False
+    assert seen["distiller_in_optimizer"] is True
+    assert seen["teacher_hash_start"] == seen["teacher_hash_end"]
+    from detkd.adapters.ultralytics import load_ultralytics_model
+
+    assert _state_hash(load_ultralytics_model(teacher_checkpoint)) == seen["teacher_hash_start"]
+
+
+def test_saved_student_is_a_plain_ultralytics_checkpoint(distilled_run, tmp_path):
+    trainer, seen = distilled_run
+    weights = Path(trainer.save_dir) / "weights"
+    assert (weights / "distiller.pt").is_file() and (Path(trainer.save_dir) / "distill.yaml").is_file()
+    # a fresh interpreter where importing detkd fails: only Ultralytics may be needed to load, predict, export
+    script = f"""
+import sys, json
+sys.modules["detkd"] = None
+from ultralytics import YOLO
+image = sorted(__import__("pathlib").Path({str(Path(trainer.data["val"]))!r}).glob("*.jpg"))[0]
+out = {{}}
+for name in ("best.pt", "last.pt"):
+    model = YOLO({str(weights)!r} + "/" + name)
+    model.predict(str(image), imgsz=64, verbose=False)
+    out[name] = sum(p.numel() for p in model.model.parameters())
+out["onnx"] = YOLO({str(weights)!r} + "/best.pt").export(format="onnx", imgsz=64)
+print("RESULT", json.dumps(out))
+"""
+    env = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_CONFIG_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    out = json.loads(lines[0][7:])
+    assert out["best.pt"] == out["last.pt"] == seen["ema_size"]  # the student alone: no teacher, no connectors
+    assert Path(out["onnx"]).is_file()
+
+
+def test_other_family_student_with_coco_teacher_through_the_api(synth_data, tmp_path):
+    """A COCO-80-class yolov8s teaches an 8-class yolo26n (reg_max 1: decoded-box distillation) by class name."""
+    from detkd.engine import distill
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.utils import YAML
+    from ultralytics.utils.checks import check_yaml
+
+    coco = YAML.load(check_yaml("coco8.yaml"))["names"]
+    teacher = save_model_checkpoint("yolov8s.yaml", coco, tmp_path / "coco_teacher.pt")
+    best = distill(
+        None,
+        teacher=str(teacher),
+        student="yolo26n.yaml",
+        data=str(synth_data),
+        project=str(tmp_path),
+        name="x",
+        distill={"feature": [{"loss": "pkd", "weight": 1.0}], "logit": {"weight": 1.0}, "box": {"weight": 1.0}},
+        **{**TRAIN, "epochs": 1},
+    )
+    rows = list(csv.DictReader((best.parent.parent / "results.csv").read_text().splitlines()))
+    assert {"train/kd_pkd", "train/kd_cls", "train/kd_box"} <= set(rows[0])
+    assert best.is_file()
+
+
+def test_missing_teacher_or_bad_data_is_a_one_line_error(synth_data, tmp_path):
+    from detkd.engine import distill
+
+    with pytest.raises(DetkdError, match="'teacher' is not set"):
+        distill(None, data=str(synth_data))
+    with pytest.raises(DetkdError, match="nope.pt"):
+        distill(None, teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
