@@ -55,7 +55,19 @@ def _eval(args) -> None:
 def _train(args) -> None:
     from detkd.engine import distill
 
-    print(f"best: {distill(args.recipe, **_overrides(args.overrides))}")
+    overrides = _overrides(args.overrides)
+    if args.recipe.startswith("resume="):  # detkd train resume=RUN_DIR_OR_LAST_PT
+        overrides["resume"] = args.recipe.split("=", 1)[1]
+        args.recipe = None
+    print(f"best: {distill(args.recipe, **overrides)}")
+
+
+def _transfer(args) -> None:
+    from detkd.transfer import report_path, transfer
+
+    report = transfer(args.source, args.student, args.out, data=args.data, kind=args.kind)
+    print(report.format())
+    print(f"checkpoint: {args.out}\nreport: {report_path(args.out)}")
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -82,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_quickstart)
 
     p = sub.add_parser("train", help="distil a teacher into a student from a recipe")
-    p.add_argument("recipe", help="recipe YAML (see configs/)")
+    p.add_argument("recipe", help="recipe YAML (see configs/), or resume=RUN_DIR to continue a killed run")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -90,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="recipe keys (teacher=, student=, data=, distill.logit.weight=) or any Ultralytics training key",
     )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("transfer", help="initialise a student's weights from another model")
+    p.add_argument("--source", required=True, help="classification or detection checkpoint (.pt)")
+    p.add_argument("--student", required=True, help="student model config (yolov8n.yaml) or checkpoint")
+    p.add_argument("--out", required=True, help="checkpoint to write (a plain Ultralytics checkpoint)")
+    p.add_argument("--data", help="YOLO data yaml: the student's class names")
+    p.add_argument("--kind", default="auto", choices=("auto", "classifier", "detector", "larger"))
+    p.set_defaults(func=_transfer)
 
     p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats)")
     p.add_argument("--out", required=True, help="output folder")

@@ -74,12 +74,28 @@ class DistillConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where the student's weights start: transferred from ``source`` (see :mod:`detkd.transfer`)."""
+
+    source: str | None = None  # classification or detection checkpoint
+    kind: Literal["auto", "classifier", "detector", "larger"] = "auto"
+    freeze_epochs: int = 0  # transferred tensors stay fixed (BN statistics included) for this many epochs
+    lr_mult: float = 1.0  # learning-rate multiplier for transferred tensors once they train
+
+
+@dataclass
 class Recipe:
     teacher: str | None = None  # local Ultralytics checkpoint
     student: str = "yolov8n.yaml"  # model config (from scratch) or checkpoint
     data: str | None = None  # YOLO data yaml
     train: dict[str, Any] = field(default_factory=dict)  # Ultralytics training keys, passed through
+    init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+    @property
+    def distills(self) -> bool:
+        d = self.distill
+        return bool(d.feature) or d.logit.weight > 0 or d.box.weight > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -136,21 +136,16 @@ def _to_coco_results(image_id: int, boxes, mapping: Mapping[int, int]) -> Iterab
 
 
 def load_yolo_checkpoint(path: str | os.PathLike):
-    """``YOLO(path)`` with a one-line error for a missing or unreadable file instead of a download attempt."""
-    from detkd.runtime import ultralytics_offline
-
-    ultralytics_offline()
-    from ultralytics import YOLO
+    """``YOLO(path)`` for a local checkpoint, with one-line errors instead of a download attempt or a traceback."""
+    from detkd.adapters.ultralytics import load_ultralytics_model
 
     path = Path(path)
     if path.suffix in {".yaml", ".yml"}:
         raise DetkdError(f"{path}: a model config has no trained weights; give a checkpoint (.pt)")
-    if not path.is_file():
-        raise DetkdError(f"{path}: checkpoint not found (detkd never downloads weights: give a local file)")
-    try:
-        return YOLO(str(path))
-    except Exception as e:  # torch.load / unpickling errors: a corrupt or foreign file
-        raise DetkdError(f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {e})") from e
+    load_ultralytics_model(path)  # validates the file with a clear error
+    from ultralytics import YOLO
+
+    return YOLO(str(path))
 
 
 def save_json(obj, path: str | os.PathLike) -> Path:

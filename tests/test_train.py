@@ -69,9 +69,9 @@ def test_teacher_frozen_outside_optimizer_and_ema_and_unchanged(distilled_run, t
     assert seen["teacher_in_optimizer"] is False and seen["teacher_in_ema"] is False
     assert seen["distiller_in_optimizer"] is True
     assert seen["teacher_hash_start"] == seen["teacher_hash_end"]
-    from detkd.adapters.ultralytics import load_ultralytics_model
+    from detkd.adapters.ultralytics import load_teacher
 
-    assert _state_hash(load_ultralytics_model(teacher_checkpoint)) == seen["teacher_hash_start"]
+    assert _state_hash(load_teacher(teacher_checkpoint)) == seen["teacher_hash_start"]
 
 
 def test_saved_student_is_a_plain_ultralytics_checkpoint(distilled_run, tmp_path):
@@ -134,3 +134,88 @@ def test_missing_teacher_or_bad_data_is_a_one_line_error(synth_data, tmp_path):
         distill(None, data=str(synth_data))
     with pytest.raises(DetkdError, match="nope.pt"):
         distill(None, teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
+
+
+def test_killed_run_resumes_from_last_checkpoint(synth_data, teacher_checkpoint, tmp_path):
+    from detkd.engine import resume
+
+    recipe = load_recipe("configs/recommended.yaml", {"teacher": str(teacher_checkpoint), "data": str(synth_data)})
+    trainer = trainer_for(recipe)(
+        overrides={
+            "model": "yolov8n.yaml",
+            "data": str(synth_data),
+            "project": str(tmp_path),
+            "name": "r",
+            **TRAIN,
+            "epochs": 3,
+        }
+    )
+
+    def kill_after_first_epoch(tr):
+        if tr.epoch == 0:
+            raise KeyboardInterrupt  # what a killed process leaves: last.pt and distiller.pt of epoch 1
+
+    trainer.add_callback("on_model_save", kill_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    run = Path(trainer.save_dir)
+    saved = torch.load(run / "weights" / "distiller.pt")
+    assert len(list(csv.DictReader((run / "results.csv").read_text().splitlines()))) == 1
+
+    best = resume(run)
+    rows = list(csv.DictReader((run / "results.csv").read_text().splitlines()))
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]  # continued, not restarted
+    assert best == run / "weights" / "best.pt" and best.is_file()
+    assert saved.keys() == torch.load(run / "weights" / "distiller.pt").keys()
+
+
+def test_transfer_then_distil_frozen_for_k_epochs_then_train(synth_data, teacher_checkpoint, tmp_path):
+    """init: a classifier backbone, frozen (BN statistics included) for 1 of 2 epochs, then released at half lr,
+    while a teacher distils (one recipe: transfer first, distil after)."""
+    from detkd.data.synth import CLASSES
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.nn.tasks import ClassificationModel
+
+    torch.manual_seed(1)
+    source = ClassificationModel("yolov8n-cls.yaml", nc=len(CLASSES), verbose=False)
+    source.names = dict(enumerate(CLASSES))
+    torch.save({"model": source, "train_args": {}}, tmp_path / "cls.pt")
+    reference = {k: v.clone() for k, v in source.state_dict().items() if k.startswith("model.0.")}
+
+    recipe = load_recipe(
+        None,
+        {
+            "data": str(synth_data),
+            "teacher": str(teacher_checkpoint),
+            "distill": {"logit": {"weight": 1.0, "locations": "all"}},
+            "init": {"source": str(tmp_path / "cls.pt"), "freeze_epochs": 1, "lr_mult": 0.5},
+        },
+    )
+    trainer = trainer_for(recipe)(
+        overrides={"model": "yolov8n.yaml", "data": str(synth_data), "project": str(tmp_path), "name": "f", **TRAIN}
+    )
+    seen = []
+
+    def record(tr):
+        state = tr.model.state_dict()
+        stem_equal = all(torch.equal(state[k].float(), v.float()) for k, v in reference.items())
+        head_grad = tr.model.model[-1].cv2[0][0].conv.weight.requires_grad
+        lrs = sorted(
+            {
+                round(g["lr"] / tr.optimizer.param_groups[0]["lr"], 6)
+                for g in tr.optimizer.param_groups
+                if g.get("param_group") == "weight"
+            }
+        )
+        seen.append({"stem_equal": stem_equal, "head_trains": head_grad, "lr_ratios": lrs})
+
+    trainer.add_callback("on_train_epoch_end", record)
+    trainer.train()
+    report = json.loads((Path(trainer.save_dir) / "transfer.json").read_text())
+    assert report["kind"] == "classifier" and "model.0.conv.weight" in report["transferred"]
+    assert seen[0] == {"stem_equal": True, "head_trains": True, "lr_ratios": [0.5, 1.0]}  # frozen: weights and BN stats
+    assert seen[1]["stem_equal"] is False  # released in epoch 2
+    rows = list(csv.DictReader((Path(trainer.save_dir) / "results.csv").read_text().splitlines()))
+    assert float(rows[-1]["train/kd_cls"]) > 0

@@ -89,8 +89,10 @@ class UltralyticsAdapter:
         return self.view(self.model(images))
 
 
-def load_ultralytics_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
-    """A frozen, eval-mode Ultralytics detection model from a local checkpoint, for use as a teacher."""
+def load_ultralytics_model(
+    path: str | os.PathLike, role: str = "model", device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The model of a local Ultralytics checkpoint (float, eval mode), with a one-line error for anything else."""
     from detkd.runtime import ultralytics_offline
 
     ultralytics_offline()
@@ -98,13 +100,20 @@ def load_ultralytics_model(path: str | os.PathLike, device: torch.device | str =
 
     path = Path(path)
     if not path.is_file():
-        raise DetkdError(f"{path}: teacher checkpoint not found (detkd never downloads weights: give a local file)")
+        raise DetkdError(f"{path}: {role} checkpoint not found (detkd never downloads weights: give a local file)")
     try:
         model, _ = load_checkpoint(str(path), device=device)
-    except Exception as e:
-        raise DetkdError(f"{path}: not a readable Ultralytics checkpoint ({type(e).__name__}: {e})") from e
-    detect_head(model)
-    model = model.float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    except Exception as e:  # torch.load / unpickling / format errors: a foreign or damaged file
+        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise DetkdError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {first_line})") from e
+    return model.float().eval()
+
+
+def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """A frozen detection model: eval mode, no gradients, never trained by anything that holds it."""
+    model = load_ultralytics_model(path, role="teacher", device=device)
+    try:
+        detect_head(model)
+    except DetkdError as e:
+        raise DetkdError(f"{path}: the teacher must be a detection model ({e})") from None
+    return model.requires_grad_(False)

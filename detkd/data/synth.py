@@ -372,3 +372,54 @@ def generate_synthetic(
         ds.info = {"generator": "detkd synth", "seed": seed, "imgsz": cfg.imgsz}
         write_coco(ds, out_dir / "annotations" / f"instances_{split}.json")
     return write_yolo(splits, out_dir)
+
+
+# Object crops: the same eight classes as a classification set, the "source task" a classifier is pretrained on
+# before its backbone is transferred to a detector (an ImageNet stand-in that is generated, not downloaded).
+_MIN_CROP_SIDE = 12  # objects smaller than this (longer side, pixels) are mostly blur at any crop size
+_CROP_MARGIN = 0.2  # context around the box on each side, as a fraction of its longer side
+_PAD_COLOUR = (114, 114, 114)  # Ultralytics' letterbox grey, where a crop runs off the scene
+
+
+def _square_crop(img: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """A square around the box (so the object's aspect ratio, a class cue, survives), resized to ``size``."""
+    x, y, w, h = box
+    side = int(round(max(w, h) * (1 + 2 * _CROP_MARGIN)))
+    x0, y0 = int(round(x + (w - side) / 2)), int(round(y + (h - side) / 2))
+    padded = cv2.copyMakeBorder(img, side, side, side, side, cv2.BORDER_CONSTANT, value=_PAD_COLOUR)
+    crop = padded[y0 + side : y0 + 2 * side, x0 + side : x0 + 2 * side]
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+
+
+def _object_crops(seed: int, split: str, size: int, cfg: SynthConfig = SynthConfig()):
+    """Every large-enough labelled object of scenes 0, 1, 2, ... as ``(class_id, crop)``, endlessly."""
+    index = 0
+    while True:
+        img, boxes = render_scene(seed, split, index, cfg)
+        for cls, *box in boxes:
+            if max(box[2:]) >= _MIN_CROP_SIDE:
+                yield cls, _square_crop(img, tuple(box), size)
+        index += 1
+
+
+def generate_crops(out_dir: str | Path, train: int = 200, val: int = 40, seed: int = 0, imgsz: int = 64) -> Path:
+    """Write an Ultralytics classification folder of object crops: ``out_dir/{train,val}/<class>/*.jpg``.
+
+    ``train``/``val`` are crops per class, so every class has a folder in both splits (Ultralytics indexes classes
+    by folder, per split) and the set is balanced. Crops come from :func:`render_scene` scenes in order, so a set is
+    a pure function of its arguments. Returns ``out_dir``, which ``YOLO("yolov8n-cls.yaml").train(data=out_dir)``
+    takes as is.
+    """
+    out_dir = Path(out_dir)
+    for split, per_class in (("train", train), ("val", val)):
+        counts = [0] * len(CLASSES)
+        for name in CLASSES:
+            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
+        crops = _object_crops(seed, split, imgsz)
+        while min(counts) < per_class:
+            cls, crop = next(crops)
+            if counts[cls] < per_class:
+                path = out_dir / split / CLASSES[cls] / f"{split}_{counts[cls]:05d}.jpg"
+                cv2.imwrite(str(path), crop, [cv2.IMWRITE_JPEG_QUALITY, 90])
+                counts[cls] += 1
+    return out_dir

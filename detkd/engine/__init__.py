@@ -1,5 +1,5 @@
 """Training: distillation inside Ultralytics' loop."""
 
-from detkd.engine.api import distill
+from detkd.engine.api import distill, resume
 
-__all__ = ["distill"]
+__all__ = ["distill", "resume"]

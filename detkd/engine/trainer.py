@@ -1,22 +1,29 @@
-"""Distillation inside Ultralytics' own training loop.
+"""Transfer and distillation inside Ultralytics' own training loop.
 
-:class:`DistillationTrainer` is Ultralytics' ``DetectionTrainer`` with three additions: it loads the frozen
-teacher, builds the :class:`~detkd.distiller.Distiller` and puts its learned parts in the optimizer, and swaps
-the student's criterion for :class:`~detkd.engine.criterion.DistillationCriterion`. Everything else —
-augmentation, AMP, EMA, validation, ``results.csv``, plots, checkpoints — is Ultralytics' code path, so
-``best.pt``/``last.pt`` stay plain student checkpoints. The distiller's weights and the recipe are saved beside
-them (``weights/distiller.pt``, ``distill.yaml``) so that a killed run resumes.
+:class:`DetkdTrainer` is Ultralytics' ``DetectionTrainer`` with a recipe bound to it (:func:`trainer_for`):
+
+- ``init:`` — the freshly built student takes weights from a source model (:mod:`detkd.transfer`); transferred
+  tensors can stay frozen for the first epochs (BN statistics included) and train at a scaled learning rate.
+- ``teacher:`` + ``distill:`` — it loads the frozen teacher, builds the :class:`~detkd.distiller.Distiller`,
+  puts its learned parts in the optimizer, and swaps the student's criterion for
+  :class:`~detkd.engine.criterion.DistillationCriterion`.
+
+Everything else — augmentation, AMP, EMA, validation, ``results.csv``, plots, checkpoints — is Ultralytics' code
+path, so ``best.pt``/``last.pt`` stay plain student checkpoints. The recipe, the transfer report and the
+distiller's weights are saved beside them (``distill.yaml``, ``transfer.json``, ``weights/distiller.pt``) so
+that a killed run resumes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from detkd.adapters.ultralytics import UltralyticsAdapter, load_ultralytics_model
+from detkd.adapters.ultralytics import UltralyticsAdapter, load_teacher
 from detkd.config import Recipe, save_recipe
 from detkd.distiller import Distiller, schedule_factor
 from detkd.engine.criterion import DistillationCriterion
@@ -36,70 +43,151 @@ class _StudentAndDistiller(nn.Module):
         self.distiller = distiller
 
 
-class DistillationTrainer(DetectionTrainer):
-    """``DetectionTrainer`` + teacher + distiller. Bind a recipe with :func:`trainer_for`."""
+class DetkdTrainer(DetectionTrainer):
+    """``DetectionTrainer`` + weight transfer + teacher and distiller. Bind a recipe with :func:`trainer_for`."""
 
     recipe: Recipe
+    teacher: UltralyticsAdapter | None = None
+    distiller: Distiller | None = None
+    criterion: DistillationCriterion | None = None
+    transferred: frozenset[str] = frozenset()  # student parameter names that came from the init source
+    frozen = False  # transferred tensors fixed this epoch
+    frozen_bn: tuple[nn.Module, ...] = ()  # BN layers kept in eval mode while they are
 
+    # --- weight transfer -------------------------------------------------------------------------------------
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        init, report_file = self.recipe.init, Path(self.save_dir) / "transfer.json"
+        if init.source and not self.resume:
+            from detkd.transfer import load_model, transfer_weights
+
+            report = transfer_weights(load_model(init.source), model, init.kind)
+            LOGGER.info(f"detkd: transfer from {init.source}\n{report.format()}")
+            report_file.parent.mkdir(parents=True, exist_ok=True)
+            report_file.write_text(json.dumps(report.to_json()))
+        if init.source and report_file.exists():  # a resumed run finds what was transferred where it left it
+            self.transferred = frozenset(json.loads(report_file.read_text())["transferred"])
+        return model
+
+    def _set_transferred_trainable(self, trainable: bool) -> None:
+        """Freeze or release transferred tensors. Ultralytics re-enables ``requires_grad`` during its set-up, so
+        freezing runs after it; its DFL projection stays fixed either way. Frozen BN layers also keep their
+        transferred statistics (see ``_model_train``)."""
+        for name, p in self.model.named_parameters():
+            if name in self.transferred and ".dfl" not in name:
+                p.requires_grad_(trainable)
+        self.frozen = not trainable
+        self.frozen_bn = (
+            ()
+            if trainable
+            else tuple(
+                m
+                for n, m in self.model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.weight" in self.transferred
+            )
+        )
+
+    def _model_train(self):
+        super()._model_train()
+        for bn in self.frozen_bn:
+            bn.eval()
+
+    # --- distillation ----------------------------------------------------------------------------------------
     def _setup_train(self):
-        self.teacher = UltralyticsAdapter(load_ultralytics_model(self.recipe.teacher, self.device))
+        if self.recipe.teacher:
+            self.teacher = UltralyticsAdapter(load_teacher(self.recipe.teacher, self.device))
         super()._setup_train()  # builds the optimizer through build_optimizer below
-        student = self.model
-        task = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
-        self.criterion = DistillationCriterion(task, UltralyticsAdapter(student), self.teacher, self.distiller)
-        student.criterion = self.criterion
         save_recipe(self.recipe, Path(self.save_dir) / "distill.yaml")
-        self._batch_index = 0
+        if self.transferred and self.recipe.init.freeze_epochs > self.start_epoch:
+            self._set_transferred_trainable(False)
+            LOGGER.info(f"detkd: transferred tensors frozen for {self.recipe.init.freeze_epochs} epochs")
         self.add_callback("on_train_epoch_start", _start_epoch)
-        self.add_callback("on_train_batch_start", _update_schedule)
+        if self.teacher is not None:
+            student = self.model
+            task = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
+            self.criterion = DistillationCriterion(task, UltralyticsAdapter(student), self.teacher, self.distiller)
+            student.criterion = self.criterion
+            self.add_callback("on_train_batch_start", _update_schedule)
 
     def build_optimizer(self, model, *args, **kwargs):
-        student = UltralyticsAdapter(model)
-        self.distiller = Distiller(
-            self.recipe.distill,
-            student.channels,
-            student.strides,
-            dict(self.data["names"]),
-            self.teacher.channels,
-            self.teacher.strides,
-            self.teacher.names,
-        ).to(self.device)
-        state = self.wdir / "distiller.pt"
-        if self.args.resume and state.exists():
-            self.distiller.load_state_dict(torch.load(state, map_location=self.device))
-            LOGGER.info(f"detkd: distiller state restored from {state}")
-        return super().build_optimizer(_StudentAndDistiller(model, self.distiller), *args, **kwargs)
+        trainable = model
+        if self.teacher is not None:
+            student = UltralyticsAdapter(model)
+            self.distiller = Distiller(
+                self.recipe.distill,
+                student.channels,
+                student.strides,
+                dict(self.data["names"]),
+                self.teacher.channels,
+                self.teacher.strides,
+                self.teacher.names,
+            ).to(self.device)
+            state = self.wdir / "distiller.pt"
+            if self.args.resume and state.exists():
+                self.distiller.load_state_dict(torch.load(state, map_location=self.device))
+                LOGGER.info(f"detkd: distiller state restored from {state}")
+            trainable = _StudentAndDistiller(model, self.distiller)
+        optimizer = super().build_optimizer(trainable, *args, **kwargs)
+        if self.transferred and self.recipe.init.lr_mult != 1.0:
+            _scale_lr(
+                optimizer,
+                {id(p) for n, p in model.named_parameters() if n in self.transferred},
+                self.recipe.init.lr_mult,
+            )
+        return optimizer
 
     def save_model(self):
         saved = super().save_model()
-        state = self.wdir / "distiller.pt"
-        tmp = state.with_name(state.name + ".tmp")
-        torch.save(self.distiller.state_dict(), tmp)
-        os.replace(tmp, state)  # atomic: a kill mid-write leaves the previous state
+        if self.distiller is not None:
+            state = self.wdir / "distiller.pt"
+            tmp = state.with_name(state.name + ".tmp")
+            torch.save(self.distiller.state_dict(), tmp)
+            os.replace(tmp, state)  # atomic: a kill mid-write leaves the previous state
         return saved
 
     def _do_train(self):
         try:
             return super()._do_train()
         finally:
-            if getattr(self, "criterion", None) is not None:
+            if self.criterion is not None:
                 self.criterion.remove()
                 self.model.criterion = None  # the student leaves training with a plain criterion
 
 
-def _start_epoch(trainer: DistillationTrainer) -> None:
+def _scale_lr(optimizer: torch.optim.Optimizer, ids: set[int], mult: float) -> None:
+    """Split each parameter group into transferred and other parameters; scale the transferred group's lr.
+
+    Runs before Ultralytics creates its scheduler, which records each group's lr as its ``initial_lr``.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        moved = [p for p in group["params"] if id(p) in ids]
+        kept = [p for p in group["params"] if id(p) not in ids]
+        groups.append({**group, "params": kept})
+        if moved:
+            groups.append({**group, "params": moved, "lr": group["lr"] * mult})
+    optimizer.param_groups.clear()
+    for group in groups:
+        if group["params"]:
+            optimizer.add_param_group(group)
+
+
+def _start_epoch(trainer: DetkdTrainer) -> None:
     trainer._batch_index = 0
-    if trainer.criterion.nonfinite:  # from the epoch before
+    if trainer.frozen and trainer.epoch >= trainer.recipe.init.freeze_epochs:
+        trainer._set_transferred_trainable(True)
+        LOGGER.info(f"detkd: transferred tensors released at epoch {trainer.epoch + 1}")
+    if trainer.criterion is not None and trainer.criterion.nonfinite:  # from the epoch before
         LOGGER.warning(f"detkd: non-finite distillation terms skipped (term: batches): {trainer.criterion.nonfinite}")
         trainer.criterion.nonfinite.clear()
 
 
-def _update_schedule(trainer: DistillationTrainer) -> None:
+def _update_schedule(trainer: DetkdTrainer) -> None:
     progress = trainer.epoch + trainer._batch_index / max(len(trainer.train_loader), 1)
     trainer.criterion.factor = schedule_factor(trainer.recipe.distill.schedule, progress, trainer.epochs)
     trainer._batch_index += 1
 
 
-def trainer_for(recipe: Recipe) -> type[DistillationTrainer]:
+def trainer_for(recipe: Recipe) -> type[DetkdTrainer]:
     """A trainer class bound to ``recipe`` (Ultralytics instantiates trainers from their class)."""
-    return type("DistillationTrainer", (DistillationTrainer,), {"recipe": recipe})
+    return type("DetkdTrainer", (DetkdTrainer,), {"recipe": recipe})

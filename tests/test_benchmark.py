@@ -1,0 +1,218 @@
+"""Benchmark profiles, the aggregation over seeds, the report, and one tiny run through the real machinery.
+
+The aggregation is checked on hand-made run records with known answers; the end-to-end run trains one student for
+one epoch on 16 images (the full three-method smoke run takes minutes: see the end of this file).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from detkd.benchmark import (
+    Bench,
+    DataSpec,
+    gap_closed,
+    load_profile,
+    main,
+    mean_std,
+    read_curve,
+    summarise,
+    write_report,
+)
+from detkd.errors import DetkdError
+
+# profiles
+
+
+@pytest.mark.parametrize("name", ["quick", "cpu", "gpu"])
+def test_builtin_profiles_load_with_a_baseline_and_every_kind(name):
+    profile = load_profile(name)
+    assert profile.name == name and profile.baseline == "alone"
+    assert {m.kind for m in profile.methods} == {"alone", "builtin", "detkd"}
+    assert any(m.init for m in profile.methods), "a method with transferred initialisation"
+
+
+def test_cpu_profile_runs_three_seeds_where_it_matters():
+    profile = load_profile("cpu")
+    seeds = {m.name: m.seeds or profile.seeds for m in profile.methods}
+    assert all(len(seeds[name]) >= 3 for name in ("alone", "builtin", "recommended"))
+    families = {"fitnet", "cwd", "pkd", "mgd", "fgd", "logit", "box"}
+    assert families <= set(seeds)
+
+
+def test_every_method_gets_the_same_budget_and_the_same_teacher(synth_data, tmp_path):
+    profile = load_profile("cpu")
+    profile.data = DataSpec(yaml=str(synth_data))  # no generation of the profile's scenes
+    bench = Bench.prepare(profile, tmp_path)
+    jobs = {m.name: bench.job(m, 1) for m in profile.methods}
+
+    def shared(job):
+        return {k: v for k, v in job.train.items() if k not in ("name", "distill_model", "dis")}
+
+    assert all(shared(j) == shared(jobs["alone"]) for j in jobs.values())
+    assert jobs["alone"].train["seed"] == 1 and jobs["alone"].recipe is None
+    teacher = str(bench.teacher.checkpoint)
+    assert jobs["builtin"].train["distill_model"] == teacher and jobs["builtin"].train["dis"] == 6.0
+    pkd = jobs["pkd"].recipe
+    assert pkd["teacher"] == teacher and pkd["train"] == {} and pkd["student"] == profile.student
+    assert [f["loss"] for f in pkd["distill"]["feature"]] == ["pkd"] and pkd["distill"]["logit"]["weight"] == 0
+    assert jobs["recommended"].recipe["distill"]["logit"]["weight"] == 1.0  # from configs/recommended.yaml
+    transfer = jobs["transfer"].recipe
+    assert transfer["init"]["source"] == teacher and transfer["teacher"] is None  # transfer only: no distillation
+    assert jobs["recommended+transfer"].recipe["teacher"] == teacher
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("budget: {epoch: 3}\nmethods: [{name: a, kind: alone}]", "unknown key 'budget.epoch'"),
+        ("methods: [{name: a, kind: alone, dis: 2.0}]", "'methods[0]' (a): 'dis' is for kind 'builtin' only"),
+        ("methods: [{name: a, kind: alone}, {name: a, kind: builtin}]", "'methods[1].name' 'a' is already used"),
+        ("methods: [{name: x, distill: {feature: [{loss: nope}]}}]", "'methods[0]' (x): recipe: 'distill.feature[0]"),
+        ("methods: [{name: x, recipe: missing.yaml}]", "missing.yaml: recipe not found"),
+        ("methods: [{name: x}]", "'methods[0]' (x): the recipe neither distills nor transfers"),
+        ("methods: [{name: 'a b', kind: alone}]", "'methods[0].name' must be"),
+        ("methods: [{name: a, kind: fast}]", "'methods[0].kind' must be one of alone, builtin, detkd"),
+        ("data: {yaml: none.yaml}\nmethods: [{name: a, kind: alone}]", "'data.yaml' file not found"),
+        ("methods: []", "'methods' is empty"),
+    ],
+)
+def test_a_bad_profile_is_a_one_line_error_naming_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(DetkdError) as e:
+        load_profile(path)
+    assert str(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_profile_lists_the_built_in_ones(tmp_path):
+    with pytest.raises(DetkdError, match="not found .*cpu, gpu, quick"):
+        load_profile("nope")
+
+
+# aggregation
+
+
+def _run(method: str, seed: int, ap: float, seconds_per_epoch: float, memory: float, curve: list[float]) -> dict:
+    metrics = {k: ap for k in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR10", "AR100", "ARs", "ARm")}
+    metrics |= {"APl": -1.0, "ARl": -1.0}  # no large objects in the set
+    return {
+        "method": method,
+        "seed": seed,
+        "metrics": metrics,
+        "time_per_epoch_s": seconds_per_epoch,
+        "peak_memory_mb": memory,
+        "memory": "rss",
+        "map_per_epoch": curve,
+    }
+
+
+RUNS = [
+    _run("alone", 0, 0.30, 10.0, 900.0, [0.1, 0.2]),
+    _run("alone", 1, 0.32, 12.0, 950.0, [0.2, 0.3]),
+    _run("alone", 2, 0.34, 11.0, 920.0, [0.3, 0.4]),
+    _run("kd", 0, 0.36, 16.5, 1200.0, [0.2, 0.4]),
+    _run("kd", 1, 0.38, 16.5, 1100.0, [0.2, 0.4]),
+    _run("cwd", 0, 0.31, 22.0, 1000.0, [0.1, 0.3]),
+]
+
+
+def test_mean_std_and_gap_closed():
+    assert mean_std([0.30, 0.32, 0.34]) == pytest.approx({"mean": 0.32, "std": 0.02})
+    assert mean_std([0.5]) == {"mean": 0.5, "std": None}
+    assert gap_closed(0.37, 0.32, 0.42) == pytest.approx(0.5)
+    assert gap_closed(0.30, 0.32, 0.42) == pytest.approx(-0.2)  # worse than alone: negative
+    assert gap_closed(0.37, 0.32, 0.30) is None  # a teacher no better than the student closes no gap
+
+
+def test_summarise_over_seeds_against_baseline_and_teacher():
+    rows = {r["method"]: r for r in summarise(RUNS, ["alone", "kd", "cwd", "absent"], "alone", teacher_ap=0.42)}
+    assert list(rows) == ["alone", "kd", "cwd"]
+    alone, kd, cwd = rows["alone"], rows["kd"], rows["cwd"]
+    assert alone["seeds"] == [0, 1, 2] and alone["metrics"]["AP"] == pytest.approx({"mean": 0.32, "std": 0.02})
+    assert alone["gap_closed"] == 0 and alone["time_ratio"] == 1 and alone["gain_AP"] == 0
+    assert kd["metrics"]["AP"]["mean"] == pytest.approx(0.37) and kd["gain_AP"] == pytest.approx(0.05)
+    assert kd["gap_closed"] == pytest.approx(0.5) and kd["time_ratio"] == pytest.approx(1.5)
+    assert kd["peak_memory_mb"] == 1200.0 and kd["map_per_epoch"] == pytest.approx([0.2, 0.4])
+    assert alone["map_per_epoch"] == pytest.approx([0.2, 0.3])
+    assert cwd["metrics"]["AP"]["std"] is None and cwd["time_ratio"] == pytest.approx(2.0)
+    assert cwd["gap_closed"] == pytest.approx(-0.1)
+
+
+def test_without_baseline_or_teacher_the_relative_columns_are_empty():
+    rows = summarise(RUNS, ["kd"], "alone", teacher_ap=None)
+    assert rows[0]["gap_closed"] is None and rows[0]["time_ratio"] is None and rows[0]["gain_AP"] is None
+
+
+def test_read_curve_from_cumulative_time(tmp_path):
+    csv = tmp_path / "results.csv"
+    header = "epoch,time,train/box_loss,metrics/mAP50(B),metrics/mAP50-95(B)\n"
+    csv.write_text(header + "1,29.2,5.8,0,0\n2,60.5,4.1,0.1,0.05\n3,90.0,3.5,0.2,0.12\n")
+    assert read_curve(csv) == {"epochs": 3, "time_per_epoch_s": 30.0, "map_per_epoch": [0, 0.05, 0.12]}
+
+
+# report
+
+
+def test_report_written_from_fake_results(tmp_path):
+    methods = summarise(RUNS, ["alone", "kd", "cwd"], "alone", teacher_ap=0.42)
+    report = {
+        "profile": "fake",
+        "command": "python tools/benchmark.py --profile fake",
+        "date": "2025-01-01T00:00:00",
+        "machine": {"cpus": 2, "torch_threads": 2, "device": "AMD EPYC"},
+        "data": {"synthetic": {"train": 450, "val": 150, "imgsz": 160, "seed": 0}, "yaml": None},
+        "budget": {"epochs": 20, "imgsz": 160, "batch": 16},
+        "student": "yolov8n.yaml",
+        "teacher": {"model": "yolov8s.yaml", "epochs": 60, "checkpoint": None, "metrics": {"AP": 0.42}},
+        "baseline": "alone",
+        "methods": methods,
+        "runs": RUNS,
+        "failed": ["runs/fgd_s0"],
+    }
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["methods"][1]["method"] == "kd"
+    md = (tmp_path / "results.md").read_text()
+    assert "`python tools/benchmark.py --profile fake`" in md and "2 CPUs, 2 torch threads, AMD EPYC" in md
+    assert "teacher yolov8s.yaml (60 epochs): AP 0.4200; baseline (alone): AP 0.3200 ± 0.0200" in md
+    kd_row = next(line for line in md.splitlines() if line.startswith("| kd "))
+    cells = [c.strip() for c in kd_row.strip("|").split("|")]
+    assert cells[1] == "0.3700 ± 0.0141" and cells[6] == "n/a" and cells[7:] == ["2", "50.0 %", "1.50×", "1200"]
+    assert "| cwd | 0.3100 ± — |" in md and "runs/fgd_s0" in md
+    for png in ("map_vs_epoch.png", "gains.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# end to end: one real (tiny) run in its own process, then a resume that has nothing left to do
+
+
+def test_tiny_benchmark_runs_reports_and_resumes(synth_data, teacher_checkpoint, tmp_path, capsys):
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(
+        f"data: {{yaml: {synth_data}}}\n"
+        "budget: {epochs: 1, imgsz: 64, batch: 8, workers: 0}\n"
+        "methods: [{name: alone, kind: alone}, {name: builtin, kind: builtin}]\n"
+    )
+    out = tmp_path / "out"
+    args = ["--profile", str(profile), "--out", str(out), "--teacher", str(teacher_checkpoint), "--methods", "alone"]
+    assert main(args) == 0
+    assert "[bench 2/2] alone seed 0: AP " in capsys.readouterr().out
+    report = json.loads((out / "results.json").read_text())
+    assert [m["method"] for m in report["methods"]] == ["alone"]
+    (alone,) = report["runs"]
+    assert alone["epochs"] == 1 and alone["time_per_epoch_s"] > 0 and alone["peak_memory_mb"] > 100
+    assert report["teacher"]["metrics"]["AP"] >= 0 and set(alone["metrics"]) >= {"AP", "AP50", "APl"}
+    assert (out / "results.md").is_file() and (out / "gains.png").is_file()
+
+    record = out / "runs" / "alone_s0" / "run.json"
+    stamp = record.stat().st_mtime_ns
+    assert main(args) == 0
+    assert "1 runs, 0 to do" in capsys.readouterr().out and record.stat().st_mtime_ns == stamp
+
+
+# The full smoke run (teacher trained 1 epoch; alone, builtin and a detkd loss; ≈ 2.5 min on 2 cores) is kept out
+# of the suite for time: python tools/benchmark.py --profile PATH/tiny.yaml with
+#   data: {synthetic: {train: 16, val: 8, imgsz: 64}}, teacher: {epochs: 1},
+#   budget: {epochs: 1, imgsz: 64, batch: 8, workers: 0}, methods: alone, builtin, {loss: pkd}.
