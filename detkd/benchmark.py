@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from detkd.config import Recipe, _build, load_recipe
+from detkd.config import Recipe, build_dataclass, load_recipe
 from detkd.errors import DetkdError
 from detkd.evaluation import COCO_METRICS, save_json
 
@@ -41,6 +42,21 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs" / "benchmarks"
 TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 TEACHER_PLACEHOLDER = "teacher"  # ``init: {source: teacher}`` transfers from the benchmark's teacher
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # method names become folder names
+_SET_BY_THE_BENCHMARK = {
+    "data",
+    "epochs",
+    "imgsz",
+    "batch",
+    "workers",
+    "device",
+    "seed",
+    "project",
+    "name",
+    "exist_ok",
+    "distill_model",
+    "dis",
+    "resume",
+}  # Ultralytics keys that budget.train may not set
 
 # --- profiles ------------------------------------------------------------------------------------------------
 
@@ -125,7 +141,7 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise DetkdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    profile = _build(Profile, raw, "", str(path))
+    profile = build_dataclass(Profile, raw, "", str(path))
     profile.name = profile.name or path.stem
     _resolve_paths(profile, path.parent)
     _check_profile(profile, str(path))
@@ -157,6 +173,8 @@ def _check_profile(profile: Profile, source: str) -> None:
         raise DetkdError(f"{source}: 'data.yaml' file not found: {data.yaml}")
     if teacher.checkpoint and not Path(teacher.checkpoint).is_file():
         raise DetkdError(f"{source}: 'teacher.checkpoint' file not found: {teacher.checkpoint}")
+    if reserved := sorted(set(profile.budget.train) & _SET_BY_THE_BENCHMARK):
+        raise DetkdError(f"{source}: 'budget.train.{reserved[0]}' is set by the benchmark (use budget/teacher keys)")
     if not profile.seeds:
         raise DetkdError(f"{source}: 'seeds' is empty")
     if not profile.methods:
@@ -502,7 +520,7 @@ def machine() -> dict[str, Any]:
     return {"cpus": cpu_threads(), "torch_threads": torch.get_num_threads(), "device": gpu or get_cpu_info()}
 
 
-def build_report(bench: Bench, command: str = "", failed: list[str] = ()) -> dict:
+def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) -> dict:
     """Everything finished so far in the bench's output folder, summarised."""
     profile, teacher = bench.profile, bench.teacher.finished()
     runs = bench.finished_runs()

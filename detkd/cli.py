@@ -76,6 +76,12 @@ def _overrides(pairs: list[str]) -> dict:
     return parse_overrides(pairs)
 
 
+def _benchmark(args) -> int:
+    from detkd.benchmark import main as benchmark_main
+
+    return benchmark_main(args.args)
+
+
 def _quickstart(args) -> None:
     from detkd.quickstart import quickstart
 
@@ -110,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="YOLO data yaml: the student's class names")
     p.add_argument("--kind", default="auto", choices=("auto", "classifier", "detector", "larger"))
     p.set_defaults(func=_transfer)
+
+    p = sub.add_parser("benchmark", help="compare methods at one budget (see tools/benchmark.py --help)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="--profile quick|cpu|gpu|PATH [--out DIR] ...")
+    p.set_defaults(func=_benchmark)
 
     p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats)")
     p.add_argument("--out", required=True, help="output folder")

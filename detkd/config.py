@@ -101,7 +101,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def _build(cls, value, where: str, source: str):
+def build_dataclass(cls, value, where: str, source: str):
     """Build dataclass ``cls`` from a mapping, checking every key and type; ``where`` is the dotted key path."""
     hints = typing.get_type_hints(cls)
     if not isinstance(value, dict):
@@ -121,7 +121,7 @@ def _join(where: str, key) -> str:
 def _coerce(hint, value, where: str, source: str):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where, source)
+        return build_dataclass(hint, value, where, source)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -195,7 +195,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | di
     extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     for key in [k for k in extra if k not in _TOP_LEVEL]:
         extra.setdefault("train", {})[key] = extra.pop(key)
-    return _build(Recipe, _merge(raw, extra), "", source)
+    return build_dataclass(Recipe, _merge(raw, extra), "", source)
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:

@@ -77,6 +77,7 @@ def test_every_method_gets_the_same_budget_and_the_same_teacher(synth_data, tmp_
         ("methods: [{name: a, kind: fast}]", "'methods[0].kind' must be one of alone, builtin, detkd"),
         ("data: {yaml: none.yaml}\nmethods: [{name: a, kind: alone}]", "'data.yaml' file not found"),
         ("methods: []", "'methods' is empty"),
+        ("budget: {train: {epochs: 3}}\nmethods: [{name: a, kind: alone}]", "'budget.train.epochs' is set by the"),
     ],
 )
 def test_a_bad_profile_is_a_one_line_error_naming_file_and_key(tmp_path, text, message):
@@ -87,7 +88,7 @@ def test_a_bad_profile_is_a_one_line_error_naming_file_and_key(tmp_path, text, m
     assert str(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_unknown_profile_lists_the_built_in_ones(tmp_path):
+def test_unknown_profile_lists_the_built_in_ones():
     with pytest.raises(DetkdError, match="not found .*cpu, gpu, quick"):
         load_profile("nope")
 
