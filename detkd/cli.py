@@ -76,12 +76,6 @@ def _overrides(pairs: list[str]) -> dict:
     return parse_overrides(pairs)
 
 
-def _benchmark(args) -> int:
-    from detkd.benchmark import main as benchmark_main
-
-    return benchmark_main(args.args)
-
-
 def _quickstart(args) -> None:
     from detkd.quickstart import quickstart
 
@@ -117,9 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="auto", choices=("auto", "classifier", "detector", "larger"))
     p.set_defaults(func=_transfer)
 
-    p = sub.add_parser("benchmark", help="compare methods at one budget (see tools/benchmark.py --help)", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="--profile quick|cpu|gpu|PATH [--out DIR] ...")
-    p.set_defaults(func=_benchmark)
+    # listed for --help; its own options are parsed by detkd.benchmark (see main below)
+    sub.add_parser("benchmark", help="compare methods at one budget: detkd benchmark --profile quick|cpu|gpu ...")
 
     p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats)")
     p.add_argument("--out", required=True, help="output folder")
@@ -158,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["benchmark"]:
+        from detkd.benchmark import main as benchmark_main
+
+        return benchmark_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
