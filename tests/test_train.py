@@ -131,6 +131,8 @@ def test_missing_teacher_or_bad_data_is_a_one_line_error(synth_data, tmp_path):
     from detkd.engine import distill
 
     with pytest.raises(DetkdError, match="'teacher' is not set"):
+        distill("configs/recommended.yaml", data=str(synth_data))
+    with pytest.raises(DetkdError, match="nothing to do beyond plain training"):
         distill(None, data=str(synth_data))
     with pytest.raises(DetkdError, match="nope.pt"):
         distill(None, teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
