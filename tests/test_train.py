@@ -134,8 +134,10 @@ def test_missing_teacher_or_bad_data_is_a_one_line_error(synth_data, tmp_path):
         distill("configs/recommended.yaml", data=str(synth_data))
     with pytest.raises(DetkdError, match="nothing to do beyond plain training"):
         distill(None, data=str(synth_data))
-    with pytest.raises(DetkdError, match="nope.pt"):
-        distill(None, teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
+    with pytest.raises(DetkdError, match="a teacher is set but 'distill' has no loss"):
+        distill(None, teacher=str(tmp_path / "nope.pt"), data=str(synth_data))
+    with pytest.raises(DetkdError, match="nope.pt: teacher checkpoint not found"):
+        distill("configs/recommended.yaml", teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
 
 
 def test_killed_run_resumes_from_last_checkpoint(synth_data, teacher_checkpoint, tmp_path):
