@@ -223,3 +223,18 @@ def test_transfer_then_distil_frozen_for_k_epochs_then_train(synth_data, teacher
     assert seen[1]["stem_equal"] is False  # released in epoch 2
     rows = list(csv.DictReader((Path(trainer.save_dir) / "results.csv").read_text().splitlines()))
     assert float(rows[-1]["train/kd_cls"]) > 0
+
+
+def test_broken_data_is_refused_with_the_report(synth_data, teacher_checkpoint, tmp_path):
+    import shutil
+
+    from detkd.engine import distill
+    from detkd.errors import DataError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(synth_data.parent, broken)
+    label = sorted((broken / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("99 0.5 0.5 0.2 0.2\n")  # a class beyond the names
+    with pytest.raises(DataError) as e:
+        distill("configs/recommended.yaml", teacher=str(teacher_checkpoint), data=str(broken / "data.yaml"), **TRAIN)
+    assert label.name in e.value.report.format()
