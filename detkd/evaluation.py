@@ -60,12 +60,12 @@ def coco_evaluate(ground_truth: DetectionDataset | dict, detections: list[dict])
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """The COCO table with one column per model, rows in COCO's order."""
     names = list(results)
+    labels = {key: f"{key:<6}{_METRIC_HELP[key]}" for key in COCO_METRICS}
+    label_width = max(len(label) for label in labels.values())
     width = max(8, *(len(n) for n in names))
-    lines = [f"{'metric':<46}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    lines = [f"{'metric':<{label_width}}" + "".join(f"{n:>{width + 2}}" for n in names)]
     for key in COCO_METRICS:
-        row = f"{key + '  ' + _METRIC_HELP[key]:<46}"
-        row += "".join(f"{results[n][key]:>{width + 2}.4f}" for n in names)
-        lines.append(row)
+        lines.append(f"{labels[key]:<{label_width}}" + "".join(f"{results[n][key]:>{width + 2}.4f}" for n in names))
     return "\n".join(lines)
 
 

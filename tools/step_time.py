@@ -50,22 +50,23 @@ def main() -> None:
     p.add_argument("--imgsz", type=int, default=160)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--nc", type=int, default=8)
+    p.add_argument("--nc", type=int, default=8, help="classes, for a teacher built from a config")
     args = p.parse_args()
 
     ultralytics_offline()
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
-    names = {i: f"class{i}" for i in range(args.nc)}
     torch.manual_seed(0)
-    student = DetectionModel(args.student, nc=args.nc, verbose=False)
-    student.names, student.args = names, get_cfg()
     if args.teacher.endswith(".pt"):
         teacher_model = load_teacher(args.teacher)
     else:
         teacher_model = DetectionModel(args.teacher, nc=args.nc, verbose=False).eval().requires_grad_(False)
-        teacher_model.names = names
+        teacher_model.names = {i: f"class{i}" for i in range(args.nc)}
+    names = dict(teacher_model.names)  # the student learns the teacher's classes
+    args.nc = len(names)
+    student = DetectionModel(args.student, nc=args.nc, verbose=False)
+    student.names, student.args = names, get_cfg()
     teacher, s_adapter = UltralyticsAdapter(teacher_model), UltralyticsAdapter(student)
     recipe = load_recipe(args.recipe)
     distiller = Distiller(
