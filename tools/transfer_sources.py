@@ -20,8 +20,16 @@ from detkd.data.dataset import Category, DetectionDataset
 from detkd.data.synth import CLASSES, SynthConfig, generate_crops, generate_synthetic
 from detkd.runtime import ultralytics_offline
 
-MERGED = {"car": "vehicle", "truck": "vehicle", "bus": "vehicle", "motorcycle": "two_wheeler",
-          "bicycle": "two_wheeler", "person": "person", "traffic_light": "signal", "stop_sign": "signal"}
+MERGED = {
+    "car": "vehicle",
+    "truck": "vehicle",
+    "bus": "vehicle",
+    "motorcycle": "two_wheeler",
+    "bicycle": "two_wheeler",
+    "person": "person",
+    "traffic_light": "signal",
+    "stop_sign": "signal",
+}
 
 
 def merge_labels(dataset: DetectionDataset) -> DetectionDataset:
@@ -49,8 +57,18 @@ def main() -> None:
     if not (crops / "val").exists():
         generate_crops(crops, train=150, val=30, seed=1, imgsz=64)
     if not (out / "cls" / "weights" / "best.pt").exists():
-        YOLO("yolov8n-cls.yaml").train(data=str(crops), epochs=args.cls_epochs, imgsz=64, batch=64, seed=0,
-                                       project=str(out), name="cls", exist_ok=True, plots=False, workers=2)
+        YOLO("yolov8n-cls.yaml").train(
+            data=str(crops),
+            epochs=args.cls_epochs,
+            imgsz=64,
+            batch=64,
+            seed=0,
+            project=str(out),
+            name="cls",
+            exist_ok=True,
+            plots=False,
+            workers=2,
+        )
 
     other = out / "other_scenes"
     if not (other / "data.yaml").exists():
@@ -58,8 +76,18 @@ def main() -> None:
         splits = {s: merge_labels(load_yolo(out / "other_raw" / "data.yaml", s)) for s in ("train", "val")}
         write_yolo(splits, other)
     if not (out / "det_other" / "weights" / "best.pt").exists():
-        YOLO("yolov8n.yaml").train(data=str(other / "data.yaml"), epochs=args.det_epochs, imgsz=args.imgsz, batch=16,
-                                   seed=0, project=str(out), name="det_other", exist_ok=True, plots=False, workers=2)
+        YOLO("yolov8n.yaml").train(
+            data=str(other / "data.yaml"),
+            epochs=args.det_epochs,
+            imgsz=args.imgsz,
+            batch=16,
+            seed=0,
+            project=str(out),
+            name="det_other",
+            exist_ok=True,
+            plots=False,
+            workers=2,
+        )
     for name in ("cls", "det_other"):
         print(f"{name}: {out / name / 'weights' / 'best.pt'}")
 
