@@ -79,7 +79,7 @@ def _overrides(pairs: list[str]) -> dict:
 def _quickstart(args) -> None:
     from detkd.quickstart import quickstart
 
-    quickstart(args.dir, epochs=args.epochs)
+    quickstart(args.dir, epochs=args.epochs, train=args.train, val=args.val)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the main job on built-in synthetic data, end to end")
     p.add_argument("--dir", default="runs/quickstart", help="where data and runs go (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=None, help="override the training budget (smoke runs)")
+    p.add_argument("--train", type=int, default=None, help="training scenes (default: 500)")
+    p.add_argument("--val", type=int, default=None, help="validation scenes (default: 100)")
     p.set_defaults(func=_quickstart)
 
     p = sub.add_parser("train", help="distil a teacher into a student from a recipe")

@@ -29,8 +29,10 @@ QUICKSTART = {
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "recommended.yaml"
 
 
-def quickstart(root: str | Path = "runs/quickstart", epochs: int | None = None) -> dict[str, dict[str, float]]:
-    """Run the main job in ``root``; ``epochs`` shortens every training (smoke runs)."""
+def quickstart(
+    root: str | Path = "runs/quickstart", epochs: int | None = None, train: int | None = None, val: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Run the main job in ``root``; ``epochs`` (every training) and ``train``/``val`` (scenes) shrink it."""
     from detkd.runtime import ultralytics_offline
 
     ultralytics_offline()
@@ -41,9 +43,10 @@ def quickstart(root: str | Path = "runs/quickstart", epochs: int | None = None) 
     cfg = dict(QUICKSTART)
     if epochs:
         cfg.update(epochs=epochs, teacher_epochs=epochs)
+    cfg.update({k: v for k, v in (("train", train), ("val", val)) if v})
     root = Path(root).resolve()
     t0 = time.time()
-    data_yaml = root / "data" / "data.yaml"
+    data_yaml = root / f"data_{cfg['train']}_{cfg['val']}" / "data.yaml"  # sizes in the name: reuse only a match
     if not data_yaml.exists():
         _step(1, f"generating {cfg['train']} + {cfg['val']} synthetic scenes in {data_yaml.parent}")
         generate_synthetic(data_yaml.parent, cfg["train"], cfg["val"], seed=cfg["seed"], cfg=SynthConfig(cfg["imgsz"]))
@@ -61,12 +64,17 @@ def quickstart(root: str | Path = "runs/quickstart", epochs: int | None = None) 
         "workers": 2,
     }
 
-    teacher = root / "teacher" / "weights" / "best.pt"
+    runs = {
+        "teacher": f"teacher_{Path(cfg['teacher']).stem}_{data_yaml.parent.name}_{cfg['teacher_epochs']}ep",
+        "student_alone": "student_alone",
+        "student_distilled": "student_distilled",
+    }
+    teacher = root / runs["teacher"] / "weights" / "best.pt"
     if teacher.exists():
         _step(2, f"reusing the teacher trained before: {teacher}")
     else:
         _step(2, f"training the teacher {cfg['teacher']} for {cfg['teacher_epochs']} epochs")
-        YOLO(cfg["teacher"]).train(**common, epochs=cfg["teacher_epochs"], name="teacher")
+        YOLO(cfg["teacher"]).train(**common, epochs=cfg["teacher_epochs"], name=runs["teacher"])
 
     _step(3, f"training the student {cfg['student']} alone for {cfg['epochs']} epochs")
     YOLO(cfg["student"]).train(**common, epochs=cfg["epochs"], name="student_alone")
@@ -79,9 +87,9 @@ def quickstart(root: str | Path = "runs/quickstart", epochs: int | None = None) 
     coco_json = data_yaml.parent / "annotations" / "instances_val.json"
     results = {
         name: evaluate_checkpoint(
-            root / name / "weights" / "best.pt", coco_json, imgsz=cfg["imgsz"], out=root / name / "coco_metrics.json"
+            root / run / "weights" / "best.pt", coco_json, imgsz=cfg["imgsz"], out=root / run / "coco_metrics.json"
         )
-        for name in ("teacher", "student_alone", "student_distilled")
+        for name, run in runs.items()
     }
     save_json(results, root / "results.json")
     print(format_table(results))

@@ -7,7 +7,20 @@ import sys
 
 def test_quickstart_smoke(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "detkd.cli", "quickstart", "--dir", str(tmp_path / "qs"), "--epochs", "1"],
+        [
+            sys.executable,
+            "-m",
+            "detkd.cli",
+            "quickstart",
+            "--dir",
+            str(tmp_path / "qs"),
+            "--epochs",
+            "1",
+            "--train",
+            "32",
+            "--val",
+            "16",
+        ],
         capture_output=True,
         text=True,
         timeout=900,
