@@ -177,14 +177,17 @@ class Distiller(nn.Module):
         if self.cfg.logit.weight > 0 or self.cfg.box.weight > 0:
             t_cls = t.cls_logits.float().detach()[..., self.teacher_classes]
             s_cls = s.cls_logits.float()[..., self.student_classes]
+            weights = {}  # per location kind, computed once when logit and box terms share it
         if self.cfg.logit.weight > 0:
             c = self.cfg.logit
             per_anchor = losses.kd_sigmoid(s_cls, t_cls, c.temperature, reduction="none", beta=c.qfl_beta).sum(-1)
-            weights = self._location_weights(c.locations, t_cls, fg_mask)
-            terms[next(names)] = c.weight * _weighted_mean(per_anchor, weights)
+            weights[c.locations] = self._location_weights(c.locations, t_cls, fg_mask)
+            terms[next(names)] = c.weight * _weighted_mean(per_anchor, weights[c.locations])
         if self.cfg.box.weight > 0:
             c = self.cfg.box
-            weights = self._location_weights(c.locations, t_cls, fg_mask)
+            if c.locations not in weights:
+                weights[c.locations] = self._location_weights(c.locations, t_cls, fg_mask)
+            weights = weights[c.locations]
             if s.reg_max > 1 and s.reg_max == t.reg_max:
                 per_anchor = losses.ld(s.box_logits.float(), t.box_logits.float(), c.temperature, "none").mean(-1)
                 box = _weighted_mean(per_anchor, weights)

@@ -137,15 +137,21 @@ def _to_coco_results(image_id: int, boxes, mapping: Mapping[int, int]) -> Iterab
 
 def load_yolo_checkpoint(path: str | os.PathLike):
     """``YOLO(path)`` for a local checkpoint, with one-line errors instead of a download attempt or a traceback."""
-    from detkd.adapters.ultralytics import load_ultralytics_model
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics import YOLO
 
     path = Path(path)
     if path.suffix in {".yaml", ".yml"}:
         raise DetkdError(f"{path}: a model config has no trained weights; give a checkpoint (.pt)")
-    load_ultralytics_model(path)  # validates the file with a clear error
-    from ultralytics import YOLO
-
-    return YOLO(str(path))
+    if not path.is_file():
+        raise DetkdError(f"{path}: checkpoint not found (detkd never downloads weights: give a local file)")
+    try:
+        return YOLO(str(path))
+    except Exception as e:  # torch.load / unpickling / format errors: a foreign or damaged file
+        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise DetkdError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {first_line})") from e
 
 
 def save_json(obj, path: str | os.PathLike) -> Path:
