@@ -28,9 +28,11 @@ def _state_hash(model: torch.nn.Module) -> str:
 
 @pytest.fixture(scope="module")
 def distilled_run(synth_data, teacher_checkpoint, tmp_path_factory):
-    """One short run of the recommended recipe; records what the trainer looked like while it trained."""
+    """One short run of the recommended recipe plus a feature term (every kind of term at once); records what the
+    trainer looked like while it trained."""
     project = tmp_path_factory.mktemp("runs")
-    recipe = load_recipe("configs/recommended.yaml", {"teacher": str(teacher_checkpoint), "data": str(synth_data)})
+    overrides = {"teacher": str(teacher_checkpoint), "data": str(synth_data), "distill": {"feature": [{"loss": "cwd"}]}}
+    recipe = load_recipe("configs/recommended.yaml", overrides)
     trainer = trainer_for(recipe)(
         overrides={"model": "yolov8n.yaml", "data": str(synth_data), "project": str(project), "name": "kd", **TRAIN}
     )

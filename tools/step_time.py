@@ -1,15 +1,22 @@
 #!/usr/bin/env python
-"""What one distillation training step costs, as ratios measured in one process on one machine.
+"""What one distillation training step costs in time and memory, as ratios measured on one machine.
 
-Times, on the same batches: (a) a plain student step (forward, Ultralytics' loss, backward, optimizer step),
-(b) a teacher forward alone, (c) a distillation step with a recipe's losses. Prints (c)/(a), and (c)/((a)+(b)):
-how much distillation adds beyond the teacher forward it cannot avoid.
+Time, in one process on the same batches: (a) a plain student step (forward, Ultralytics' loss, backward,
+optimizer step), (b) a teacher forward alone, (c) a distillation step with a recipe's losses, and within (c) the
+distillation terms' own forward. Prints (c)/(a) and (c)/((a)+(b)): what distillation adds beyond the teacher
+forward it cannot avoid, and where that remainder goes.
+
+Peak memory of the same three workloads, each in a fresh process (CPU: the process's peak resident set size
+above what it held before the models were built; CUDA: peak allocated bytes): (c)/((a)+(b)).
 
     python tools/step_time.py [--recipe configs/recommended.yaml] [--teacher yolov8s.yaml | t.pt]
-                              [--student yolov8n.yaml] [--imgsz 160] [--batch 16] [--steps 20]
+                              [--student yolov8n.yaml] [--imgsz 160] [--batch 16] [--steps 20] [--device cpu]
 """
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -20,26 +27,128 @@ from detkd.distiller import Distiller
 from detkd.engine.criterion import DistillationCriterion
 from detkd.runtime import ultralytics_offline
 
+WORKLOADS = ("plain", "teacher", "distilled")
 
-def _batch(n: int, imgsz: int, nc: int, seed: int) -> dict:
+
+def _batch(n: int, imgsz: int, nc: int, seed: int, device: str) -> dict:
     g = torch.Generator().manual_seed(seed)
     per_image = 8
     xy = torch.rand(n * per_image, 2, generator=g) * 0.8 + 0.1
     wh = torch.rand(n * per_image, 2, generator=g) * 0.15 + 0.02
-    return {
+    batch = {
         "img": torch.rand(n, 3, imgsz, imgsz, generator=g),
         "bboxes": torch.cat((xy, wh), 1),
         "cls": torch.randint(0, nc, (n * per_image, 1), generator=g).float(),
         "batch_idx": torch.arange(n).repeat_interleave(per_image).float(),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def _timed(fn, batches) -> float:
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+
+class Setup:
+    """Student, teacher, distillation criterion and optimizer, built as the trainer builds them."""
+
+    def __init__(self, args: argparse.Namespace):
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel
+
+        torch.manual_seed(0)
+        if args.teacher.endswith(".pt"):
+            teacher_model = load_teacher(args.teacher, args.device)
+        else:
+            teacher_model = DetectionModel(args.teacher, nc=args.nc, verbose=False).eval().requires_grad_(False)
+            teacher_model.names = {i: f"class{i}" for i in range(args.nc)}
+            teacher_model.to(args.device)
+        names = dict(teacher_model.names)  # the student learns the teacher's classes
+        self.nc = len(names)
+        student = DetectionModel(args.student, nc=self.nc, verbose=False).to(args.device)
+        student.names, student.args = names, get_cfg()
+        self.student, self.teacher = student, UltralyticsAdapter(teacher_model)
+        self.s_adapter = UltralyticsAdapter(student)
+        recipe = load_recipe(args.recipe)
+        t = self.teacher
+        self.distiller = Distiller(
+            recipe.distill, self.s_adapter.channels, self.s_adapter.strides, names, t.channels, t.strides, t.names
+        ).to(args.device)
+        self.task = student.init_criterion()
+        self.criterion = DistillationCriterion(self.task, self.s_adapter, t, self.distiller)
+        params = list(student.parameters()) + list(self.distiller.parameters())
+        self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        student.train()
+
+    def step(self, loss_fn):
+        def run(batch):
+            self.optimizer.zero_grad()
+            loss, _ = loss_fn(self.student(batch["img"]), batch)
+            loss.sum().backward()
+            self.optimizer.step()
+
+        return run
+
+    def workload(self, name: str):
+        if name == "plain":
+            return self.step(self.task)
+        if name == "teacher":
+            return lambda b: self.teacher(b["img"])
+        return self.step(self.criterion)
+
+    def count_terms_time(self) -> list[float]:
+        """Accumulates the seconds spent computing the distillation terms inside the criterion."""
+        spent = [0.0]
+        forward = self.distiller.forward
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            out = forward(*args, **kwargs)
+            spent[0] += time.perf_counter() - t
+            return out
+
+        self.distiller.forward = timed
+        return spent
+
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, batches, device: str) -> float:
     fn(batches[0])  # warm-up
+    _sync(device)
     t = time.perf_counter()
     for b in batches[1:]:
         fn(b)
+    _sync(device)
     return (time.perf_counter() - t) / (len(batches) - 1)
+
+
+def measure_memory(args: argparse.Namespace, workload: str) -> float:
+    """Peak memory (MB) of ``workload`` in this process, above what the process held before building models."""
+    if args.device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb("VmRSS")
+    setup = Setup(args)
+    batches = [_batch(args.batch, args.imgsz, setup.nc, i, args.device) for i in range(3)]
+    run = setup.workload(workload)
+    for b in batches:
+        run(b)
+    _sync(args.device)
+    if args.device != "cpu":
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return _rss_mb("VmHWM") - base
+
+
+def _memory_in_child(workload: str) -> float:
+    """Each workload in a fresh process, so that one's allocations cannot hide or inflate another's peak."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--memory-of", workload]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
 def main() -> None:
@@ -51,55 +160,36 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--nc", type=int, default=8, help="classes, for a teacher built from a config")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--memory-of", choices=WORKLOADS, help=argparse.SUPPRESS)  # internal: one memory measurement
     args = p.parse_args()
 
     ultralytics_offline()
-    from ultralytics.cfg import get_cfg
-    from ultralytics.nn.tasks import DetectionModel
+    if args.memory_of:
+        print(json.dumps({"peak_mb": measure_memory(args, args.memory_of)}))
+        return
+    setup = Setup(args)
+    batches = [_batch(args.batch, args.imgsz, setup.nc, i, args.device) for i in range(args.steps + 1)]
+    plain = _timed(setup.workload("plain"), batches, args.device)
+    teacher_fwd = _timed(setup.workload("teacher"), batches, args.device)
+    terms = setup.count_terms_time()
+    distilled = _timed(setup.workload("distilled"), batches, args.device)
+    terms_fwd = terms[0] / len(batches)  # the warm-up step counted too
+    rest = distilled - plain - teacher_fwd - terms_fwd
+    memory = {w: _memory_in_child(w) for w in WORKLOADS}
 
-    torch.manual_seed(0)
-    if args.teacher.endswith(".pt"):
-        teacher_model = load_teacher(args.teacher)
-    else:
-        teacher_model = DetectionModel(args.teacher, nc=args.nc, verbose=False).eval().requires_grad_(False)
-        teacher_model.names = {i: f"class{i}" for i in range(args.nc)}
-    names = dict(teacher_model.names)  # the student learns the teacher's classes
-    args.nc = len(names)
-    student = DetectionModel(args.student, nc=args.nc, verbose=False)
-    student.names, student.args = names, get_cfg()
-    teacher, s_adapter = UltralyticsAdapter(teacher_model), UltralyticsAdapter(student)
-    recipe = load_recipe(args.recipe)
-    distiller = Distiller(
-        recipe.distill, s_adapter.channels, s_adapter.strides, names, teacher.channels, teacher.strides, teacher.names
-    )
-    task = student.init_criterion()
-    criterion = DistillationCriterion(task, s_adapter, teacher, distiller)
-    params = list(student.parameters()) + list(distiller.parameters())
-    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    batches = [_batch(args.batch, args.imgsz, args.nc, i) for i in range(args.steps + 1)]
-    student.train()
-
-    def step(loss_fn):
-        def run(batch):
-            optimizer.zero_grad()
-            loss, _ = loss_fn(student(batch["img"]), batch)
-            loss.sum().backward()
-            optimizer.step()
-
-        return run
-
-    plain = _timed(step(task), batches)
-    teacher_fwd = _timed(lambda b: teacher(b["img"]), batches)
-    distilled = _timed(step(criterion), batches)
     print(
-        f"threads {torch.get_num_threads()}, batch {args.batch}, imgsz {args.imgsz}, {args.steps} steps, "
-        f"student {args.student}, teacher {args.teacher}, recipe {args.recipe}"
+        f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, imgsz {args.imgsz}, "
+        f"{args.steps} steps, student {args.student}, teacher {args.teacher}, recipe {args.recipe}"
     )
-    print(f"plain student step      {plain * 1000:8.1f} ms")
-    print(f"teacher forward         {teacher_fwd * 1000:8.1f} ms")
-    print(f"distillation step       {distilled * 1000:8.1f} ms")
-    print(f"distillation / plain                       {distilled / plain:.2f}x")
-    print(f"distillation / (plain + teacher forward)   {distilled / (plain + teacher_fwd):.2f}x")
+    print(f"plain student step      {plain * 1000:8.1f} ms    peak memory {memory['plain']:8.0f} MB")
+    print(f"teacher forward         {teacher_fwd * 1000:8.1f} ms    peak memory {memory['teacher']:8.0f} MB")
+    print(f"distillation step       {distilled * 1000:8.1f} ms    peak memory {memory['distilled']:8.0f} MB")
+    print(f"  = plain + teacher forward + terms forward {terms_fwd * 1000:.1f} ms + the rest {rest * 1000:.1f} ms")
+    print(f"time:   distillation / plain                       {distilled / plain:.2f}x")
+    print(f"time:   distillation / (plain + teacher forward)   {distilled / (plain + teacher_fwd):.2f}x")
+    memory_ratio = memory["distilled"] / (memory["plain"] + memory["teacher"])
+    print(f"memory: distillation / (plain + teacher forward)   {memory_ratio:.2f}x")
 
 
 if __name__ == "__main__":
