@@ -622,13 +622,16 @@ def _figure(width: float = 7.0, height: float = 4.5):
 
 def plot_map_vs_epoch(methods: list[dict], path: Path) -> None:
     """COCO-style mAP50-95 from Ultralytics' validation each epoch, mean over seeds, one line per method."""
+    import matplotlib
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure()
-    for r in methods:
+    colors = matplotlib.colormaps["tab20"].colors  # dark shades, then light dashed: the default cycle repeats at 10
+    for i, r in enumerate(methods):
         if r["map_per_epoch"]:
             epochs = range(1, len(r["map_per_epoch"]) + 1)
-            ax.plot(epochs, r["map_per_epoch"], marker="o", markersize=3, label=r["method"])
+            style = {"color": colors[2 * i % 20 + i // 10 % 2], "linestyle": "-" if i < 10 else "--"}
+            ax.plot(epochs, r["map_per_epoch"], marker="o", markersize=3, label=r["method"], **style)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="mAP50-95 (validation, mean over seeds)", title="mAP vs epoch")
     if ax.lines:
