@@ -53,22 +53,12 @@ def main() -> None:
     ultralytics_offline()
     from ultralytics import YOLO
 
+    same = {"seed": 0, "project": str(out), "exist_ok": True, "plots": False, "workers": 2}  # both trainings
     crops = out / "crops"
     if not (crops / "val").exists():
         generate_crops(crops, train=150, val=30, seed=1, imgsz=64)
     if not (out / "cls" / "weights" / "best.pt").exists():
-        YOLO("yolov8n-cls.yaml").train(
-            data=str(crops),
-            epochs=args.cls_epochs,
-            imgsz=64,
-            batch=64,
-            seed=0,
-            project=str(out),
-            name="cls",
-            exist_ok=True,
-            plots=False,
-            workers=2,
-        )
+        YOLO("yolov8n-cls.yaml").train(data=str(crops), epochs=args.cls_epochs, imgsz=64, batch=64, name="cls", **same)
 
     other = out / "other_scenes"
     if not (other / "data.yaml").exists():
@@ -77,16 +67,7 @@ def main() -> None:
         write_yolo(splits, other)
     if not (out / "det_other" / "weights" / "best.pt").exists():
         YOLO("yolov8n.yaml").train(
-            data=str(other / "data.yaml"),
-            epochs=args.det_epochs,
-            imgsz=args.imgsz,
-            batch=16,
-            seed=0,
-            project=str(out),
-            name="det_other",
-            exist_ok=True,
-            plots=False,
-            workers=2,
+            data=str(other / "data.yaml"), epochs=args.det_epochs, imgsz=args.imgsz, batch=16, name="det_other", **same
         )
     for name in ("cls", "det_other"):
         print(f"{name}: {out / name / 'weights' / 'best.pt'}")
