@@ -7,6 +7,7 @@ one epoch on 16 images (the full three-method smoke run takes minutes: see the e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from detkd.benchmark import (
     load_profile,
     main,
     mean_std,
+    method_recipe,
     read_curve,
     summarise,
     write_report,
@@ -33,6 +35,25 @@ def test_builtin_profiles_load_with_a_baseline_and_every_kind(name):
     assert profile.name == name and profile.baseline == "alone"
     assert {m.kind for m in profile.methods} == {"alone", "builtin", "detkd"}
     assert any(m.init for m in profile.methods), "a method with transferred initialisation"
+
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs" / "benchmarks"
+
+
+@pytest.mark.parametrize("path", sorted(PROFILE_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_profile_builds_a_valid_recipe_for_each_method(path):
+    profile = load_profile(path)
+    for m in profile.methods:
+        if m.kind == "detkd":
+            recipe = method_recipe(m, "t.pt", profile.student, "d.yaml")
+            assert recipe.distills or recipe.init.source, f"{path.name}: {m.name} neither distils nor transfers"
+
+
+def test_recipe_screen_holds_the_recommended_recipe():
+    """The screen's row marked as the recipe must stay the recipe that configs/recommended.yaml ships."""
+    screen = {m.name: m for m in load_profile("recipe_screen").methods}
+    screened = method_recipe(screen["logit2_box8"], "t.pt", "yolov8n.yaml", "d.yaml").distill
+    assert screened == load_recipe(PROFILE_DIR.parent / "recommended.yaml").distill
 
 
 def test_cpu_profile_runs_three_seeds_where_it_matters():

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """What one distillation training step costs in time and memory, as ratios measured on one machine.
 
-Time, in one process on the same batches: (a) a plain student step (forward, Ultralytics' loss, backward,
-optimizer step), (b) a teacher forward alone, (c) a distillation step with a recipe's losses, and within (c) the
-distillation terms' own forward. Prints (c)/(a) and (c)/((a)+(b)): what distillation adds beyond the teacher
-forward it cannot avoid, and where that remainder goes.
+Time, in one process on the same batches, the three workloads in turn on each batch and the median step of each:
+(a) a plain student step (forward, Ultralytics' loss, backward, optimizer step), (b) a teacher forward alone,
+(c) a distillation step with a recipe's losses, and within (c) the distillation terms' own forward. Prints (c)/(a)
+and (c)/((a)+(b)): what distillation adds beyond the teacher forward it cannot avoid, and where that remainder goes.
 
 Peak memory of the same three workloads, each in a fresh process (CPU: the process's peak resident set size
 above what it held before the models were built; CUDA: peak allocated bytes): (c)/((a)+(b)).
@@ -15,6 +15,7 @@ above what it held before the models were built; CUDA: peak allocated bytes): (c
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -97,14 +98,14 @@ class Setup:
         return self.step(self.criterion)
 
     def count_terms_time(self) -> list[float]:
-        """Accumulates the seconds spent computing the distillation terms inside the criterion."""
-        spent = [0.0]
+        """Collects the seconds spent computing the distillation terms inside the criterion, one entry per call."""
+        spent: list[float] = []
         forward = self.distiller.forward
 
         def timed(*args, **kwargs):
             t = time.perf_counter()
             out = forward(*args, **kwargs)
-            spent[0] += time.perf_counter() - t
+            spent.append(time.perf_counter() - t)
             return out
 
         self.distiller.forward = timed
@@ -116,14 +117,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, batches, device: str) -> float:
-    fn(batches[0])  # warm-up
-    _sync(device)
-    t = time.perf_counter()
-    for b in batches[1:]:
-        fn(b)
-    _sync(device)
-    return (time.perf_counter() - t) / (len(batches) - 1)
+def _timed_interleaved(workloads: dict, batches: list, device: str) -> dict[str, float]:
+    """Median seconds per step of each workload, run in turn on every batch (the order rotating), so that the
+    machine's drift and other load hit all of them alike; the first batch is a warm-up."""
+    names = list(workloads)
+    for fn in workloads.values():
+        fn(batches[0])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, b in enumerate(batches[1:]):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            _sync(device)
+            t = time.perf_counter()
+            workloads[name](b)
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def measure_memory(args: argparse.Namespace, workload: str) -> float:
@@ -170,11 +178,10 @@ def main() -> None:
         return
     setup = Setup(args)
     batches = [_batch(args.batch, args.imgsz, setup.nc, i, args.device) for i in range(args.steps + 1)]
-    plain = _timed(setup.workload("plain"), batches, args.device)
-    teacher_fwd = _timed(setup.workload("teacher"), batches, args.device)
     terms = setup.count_terms_time()
-    distilled = _timed(setup.workload("distilled"), batches, args.device)
-    terms_fwd = terms[0] / len(batches)  # the warm-up step counted too
+    median = _timed_interleaved({w: setup.workload(w) for w in WORKLOADS}, batches, args.device)
+    plain, teacher_fwd, distilled = (median[w] for w in WORKLOADS)
+    terms_fwd = statistics.median(terms[1:])  # the warm-up step's excluded
     rest = distilled - plain - teacher_fwd - terms_fwd
     memory = {w: _memory_in_child(w) for w in WORKLOADS}
 
