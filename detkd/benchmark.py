@@ -82,6 +82,10 @@ class TeacherSpec:
     model: str = "yolov8s.yaml"  # trained by the benchmark for ``epochs`` at the budget's image size and batch
     epochs: int = 30
     checkpoint: str | None = None  # use this checkpoint instead of training one
+    # Its own training data (default: the students'). A teacher that has seen more data than its student stays
+    # clearly better than the student can become, as a fine-tuned pretrained teacher does; synthetic scenes are a
+    # pure function of (seed, split, index), so a larger set with the same seed holds the students' scenes.
+    data: DataSpec | None = None
 
 
 @dataclass
@@ -155,7 +159,9 @@ def _resolve(base: Path, value: str | None) -> str | None:
 
 
 def _resolve_paths(profile: Profile, base: Path) -> None:
-    profile.data.yaml = _resolve(base, profile.data.yaml)
+    for data in (profile.data, profile.teacher.data):
+        if data is not None:
+            data.yaml = _resolve(base, data.yaml)
     profile.teacher.checkpoint = _resolve(base, profile.teacher.checkpoint)
     for m in profile.methods:
         m.recipe = _resolve(base, m.recipe)
@@ -163,14 +169,20 @@ def _resolve_paths(profile: Profile, base: Path) -> None:
             m.init["source"] = _resolve(base, m.init["source"])
 
 
-def _check_profile(profile: Profile, source: str) -> None:
-    data, teacher = profile.data, profile.teacher
+def _check_data(data: DataSpec, source: str, key: str) -> None:
     if data.yaml and data.synthetic:
-        raise DetkdError(f"{source}: 'data' has both 'synthetic' and 'yaml' (choose one)")
+        raise DetkdError(f"{source}: '{key}' has both 'synthetic' and 'yaml' (choose one)")
     if data.yaml is None:
         data.synthetic = data.synthetic or SyntheticData()
     elif not Path(data.yaml).is_file():
-        raise DetkdError(f"{source}: 'data.yaml' file not found: {data.yaml}")
+        raise DetkdError(f"{source}: '{key}.yaml' file not found: {data.yaml}")
+
+
+def _check_profile(profile: Profile, source: str) -> None:
+    teacher = profile.teacher
+    _check_data(profile.data, source, "data")
+    if teacher.data is not None:
+        _check_data(teacher.data, source, "teacher.data")
     if teacher.checkpoint and not Path(teacher.checkpoint).is_file():
         raise DetkdError(f"{source}: 'teacher.checkpoint' file not found: {teacher.checkpoint}")
     if reserved := sorted(set(profile.budget.train) & _SET_BY_THE_BENCHMARK):
@@ -262,18 +274,9 @@ class Bench:
     def prepare(cls, profile: Profile, out: str | os.PathLike) -> Bench:
         """Generate the synthetic data if needed (once per output folder) and plan the teacher."""
         out = Path(out).resolve()
-        s = profile.data.synthetic
-        if s is None:
-            data_yaml = eval_data = Path(profile.data.yaml)
-        else:
-            root = out / "data" / f"synth_{s.train}_{s.val}_{s.imgsz}px_s{s.seed}"
-            data_yaml, eval_data = root / "data.yaml", root / "annotations" / "instances_val.json"
-            if not data_yaml.is_file():  # written last: its presence means a complete set
-                from detkd.data.synth import SynthConfig, generate_synthetic
-
-                _log(f"generating {s.train} + {s.val} synthetic scenes at {s.imgsz} px in {root}")
-                generate_synthetic(root, s.train, s.val, seed=s.seed, cfg=SynthConfig(imgsz=s.imgsz))
-        return cls(profile, out, data_yaml, eval_data, _teacher_job(profile, out, data_yaml, eval_data))
+        data_yaml, eval_data = _prepare_data(profile.data, out)
+        teacher_data = data_yaml if profile.teacher.data is None else _prepare_data(profile.teacher.data, out)[0]
+        return cls(profile, out, data_yaml, eval_data, _teacher_job(profile, out, teacher_data, eval_data))
 
     def job(self, method: Method, seed: int) -> Job:
         """The run of ``method`` at ``seed``: the same training keys for every method, plus what the method adds."""
@@ -298,6 +301,21 @@ class Bench:
         return runs
 
 
+def _prepare_data(spec: DataSpec, out: Path) -> tuple[Path, Path]:
+    """The data yaml to train on and what to evaluate on: the COCO val json of synthetic scenes (generated once
+    per output folder), else the data yaml (its val split)."""
+    s = spec.synthetic
+    if s is None:
+        return Path(spec.yaml), Path(spec.yaml)
+    root = out / "data" / f"synth_{s.train}_{s.val}_{s.imgsz}px_s{s.seed}"
+    if not (root / "data.yaml").is_file():  # written last: its presence means a complete set
+        from detkd.data.synth import SynthConfig, generate_synthetic
+
+        _log(f"generating {s.train} + {s.val} synthetic scenes at {s.imgsz} px in {root}")
+        generate_synthetic(root, s.train, s.val, seed=s.seed, cfg=SynthConfig(imgsz=s.imgsz))
+    return root / "data.yaml", root / "annotations" / "instances_val.json"
+
+
 def _train_args(profile: Profile, data_yaml: Path, seed: int, run_dir: Path, epochs: int) -> dict[str, Any]:
     b = profile.budget
     args = {
@@ -317,8 +335,8 @@ def _train_args(profile: Profile, data_yaml: Path, seed: int, run_dir: Path, epo
 
 
 def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) -> Job:
-    """Train the teacher (cached under ``out/teacher``, keyed by data, model, epochs and budget), or only evaluate
-    a given checkpoint."""
+    """Train the teacher on ``data_yaml`` (cached under ``out/teacher``, keyed by data, model, epochs and budget),
+    or only evaluate a given checkpoint; either is evaluated on the students' ``eval_data``."""
     t, b, seed = profile.teacher, profile.budget, profile.seeds[0]
     if t.checkpoint:
         ckpt = Path(t.checkpoint)
