@@ -70,6 +70,28 @@ def _transfer(args) -> None:
     print(f"checkpoint: {args.out}\nreport: {report_path(args.out)}")
 
 
+def _diagnose(args) -> None:
+    from detkd.diagnose import diagnose_recipe, diagnose_run
+    from detkd.evaluation import save_json
+
+    if Path(args.target).is_dir():
+        if args.overrides:
+            raise DetkdError(f"{args.target}: key=value overrides apply to a recipe, not to a finished run")
+        diagnosis = diagnose_run(args.target, baseline=args.baseline)
+    else:
+        diagnosis = diagnose_recipe(
+            args.target,
+            args.overrides,
+            baseline=args.baseline,
+            batches=args.batches,
+            images=args.images,
+            device=args.device,
+        )
+    print(diagnosis.format())
+    if args.out:
+        print(f"diagnosis: {save_json(diagnosis.to_json(), args.out)}")
+
+
 def _overrides(pairs: list[str]) -> dict:
     from detkd.config import parse_overrides
 
@@ -104,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="recipe keys (teacher=, student=, data=, distill.logit.weight=) or any Ultralytics training key",
     )
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("diagnose", help="will distillation help this pair (a recipe), or why did it not (a run)")
+    p.add_argument("target", help="recipe YAML (before training) or a run folder with results.csv (after)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for detkd train")
+    p.add_argument(
+        "--baseline",
+        help="the student trained alone: its checkpoint (recipe) or run folder (run; default: the benchmark's "
+        "alone_s<seed> beside the run)",
+    )
+    p.add_argument("--batches", type=int, default=4, help="training batches to weigh the terms on (default: 4)")
+    p.add_argument("--images", type=int, default=200, help="val images to score the teacher on (default: 200)")
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: cpu)")
+    p.add_argument("--out", help="also write the diagnosis (findings and every number) as JSON")
+    p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("transfer", help="initialise a student's weights from another model")
     p.add_argument("--source", required=True, help="classification or detection checkpoint (.pt)")

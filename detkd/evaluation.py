@@ -36,6 +36,24 @@ _METRIC_HELP = {
 
 def coco_evaluate(ground_truth: DetectionDataset | dict, detections: list[dict]) -> dict[str, float]:
     """The 12 COCO numbers of ``detections`` against ``ground_truth`` (-1 where a bucket has no objects)."""
+    return {k: float(v) for k, v in zip(COCO_METRICS, _cocoeval(ground_truth, detections).stats)}
+
+
+def ap_per_class(ground_truth: DetectionDataset | dict, detections: list[dict]) -> dict[str, float]:
+    """COCO AP (IoU 0.50:0.95, all areas, 100 detections) of each category, by name; -1 for a category with no
+    object in the set. The mean over categories with objects is ``coco_evaluate``'s AP."""
+    evaluator = _cocoeval(ground_truth, detections)
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (IoU thresholds, recall points, categories)
+    names = {c["id"]: c["name"] for c in evaluator.cocoGt.dataset["categories"]}
+    out = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k]
+        out[names[cat_id]] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    return out
+
+
+def _cocoeval(ground_truth: DetectionDataset | dict, detections: list[dict]):
+    """pycocotools' COCOeval of the detections, evaluated, accumulated and summarised (its prints swallowed)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -54,7 +72,7 @@ def coco_evaluate(ground_truth: DetectionDataset | dict, detections: list[dict])
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {k: float(v) for k, v in zip(COCO_METRICS, evaluator.stats)}
+    return evaluator
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:

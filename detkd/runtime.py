@@ -9,6 +9,8 @@ of detkd sets them first; :func:`ultralytics_offline` then patches what is left 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -92,3 +94,17 @@ def ultralytics_offline() -> None:
     torch.set_num_threads(threads)
     tu.NUM_THREADS = threads
     _done = True
+
+
+@contextlib.contextmanager
+def quiet_ultralytics():
+    """Ultralytics' info lines (model summaries, data-set scans) off inside the block, warnings kept: for commands
+    whose own report is the output (``detkd diagnose``), not a training log."""
+    ultralytics_offline()
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

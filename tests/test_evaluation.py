@@ -9,7 +9,7 @@ from pycocotools.cocoeval import COCOeval
 
 from detkd.data.dataset import Annotation, Category, DetectionDataset, ImageRecord
 from detkd.errors import DetkdError
-from detkd.evaluation import COCO_METRICS, class_to_category, coco_evaluate, format_table, save_json
+from detkd.evaluation import COCO_METRICS, ap_per_class, class_to_category, coco_evaluate, format_table, save_json
 
 
 def _dataset(boxes_per_image: dict[int, list[tuple[int, list[float]]]]) -> DetectionDataset:
@@ -37,6 +37,19 @@ def test_single_box_at_known_iou_gives_the_fraction_of_thresholds_it_passes():
     assert m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(0.0)
     assert m["AP"] == pytest.approx(0.3)
     assert m["APs"] == -1.0  # no small objects: COCO reports -1, not 0
+
+
+def test_ap_per_class_is_each_category_alone_and_averages_to_ap():
+    # car: the 0.619-IoU box of the test above (AP 0.3); bus: a perfect box (AP 1); mean 0.65 = the overall AP
+    gt = _dataset({1: [(1, [0, 0, 100, 100]), (7, [200, 200, 100, 100])]})
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [23.5, 0, 100, 100], "score": 0.5},
+        {"image_id": 1, "category_id": 7, "bbox": [200, 200, 100, 100], "score": 0.9},
+    ]
+    per_class = ap_per_class(gt, dets)
+    assert per_class == pytest.approx({"car": 0.3, "bus": 1.0})
+    assert coco_evaluate(gt, dets)["AP"] == pytest.approx(0.65)
+    assert ap_per_class(_dataset({1: [(1, [0, 0, 100, 100])]}), [])["bus"] == -1.0  # no bus in the set
 
 
 def test_no_detections_is_zero_not_an_error():

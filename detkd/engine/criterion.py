@@ -29,14 +29,21 @@ class DistillationCriterion:
     def _capture_assignment(self, module, inputs, outputs):
         self._fg_mask = outputs[3]  # (target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
 
+    def task_and_terms(self, preds, batch) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
+        """Ultralytics' loss (× batch size) with its items, and the weighted distillation terms (before the
+        schedule and the non-finite check): what a training step combines, and what ``detkd diagnose`` weighs."""
+        loss, items = self.task(preds, batch)  # runs the assigner: its positives are captured for the terms
+        terms = self.distiller(self.student.view(preds), self.teacher(batch["img"]), batch, fg_mask=self._fg_mask)
+        return loss, items, terms
+
     def __call__(self, preds, batch):
-        loss, items = self.task(preds, batch)
         names = self.distiller.term_names
-        zero = torch.zeros((), device=loss.device)
         if not self.student.model.training or self.factor == 0.0:
+            loss, items = self.task(preds, batch)
+            zero = torch.zeros((), device=loss.device)
             return torch.cat([loss, zero.view(1)]), {**items, **dict.fromkeys(names, zero)}
-        teacher_view = self.teacher(batch["img"])
-        terms = self.distiller(self.student.view(preds), teacher_view, batch, fg_mask=self._fg_mask)
+        loss, items, terms = self.task_and_terms(preds, batch)
+        zero = torch.zeros((), device=loss.device)
         total = zero
         for name in names:
             value = terms[name]
