@@ -1,7 +1,8 @@
-"""Benchmark profiles, the aggregation over seeds, the report, and one tiny run through the real machinery.
+"""Benchmark profiles, the aggregation over seeds, the report, and one tiny benchmark through the real machinery.
 
-The aggregation is checked on hand-made run records with known answers; the end-to-end run trains one student for
-one epoch on 16 images (the full three-method smoke run takes minutes: see the end of this file).
+The aggregation is checked on hand-made run records with known answers; the end-to-end benchmark evaluates a given
+teacher and trains one student per kind of method (alone, Ultralytics' built-in, a detkd loss) for one epoch on 16
+images, each in its own process (≈ 1.5 min on 2 cores).
 """
 
 from __future__ import annotations
