@@ -72,7 +72,7 @@ def _transfer(args) -> None:
 
 def _diagnose(args) -> None:
     from detkd.diagnose import diagnose_recipe, diagnose_run
-    from detkd.evaluation import save_json
+    from detkd.utils import save_json
 
     if Path(args.target).is_dir():
         if args.overrides:
@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_quickstart)
 
     p = sub.add_parser("train", help="distil a teacher into a student from a recipe")
-    p.add_argument("recipe", help="recipe YAML (see configs/), or resume=RUN_DIR to continue a killed run")
+    p.add_argument(
+        "recipe",
+        help="recipe YAML, or a built-in recipe's name (recommended, ...), or resume=RUN_DIR to continue a killed run",
+    )
     p.add_argument(
         "overrides",
         nargs="*",

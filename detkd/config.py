@@ -18,7 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from detkd.errors import DetkdError
+from detkd.utils import write_text
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # built-in recipes (package data); benchmarks/: profiles
 FEATURE_LOSSES = ("fitnet", "cwd", "pkd", "mgd", "fgd", "sl2")
 CONNECTORS = ("conv", "conv_bn", "mlp")
 LOCATIONS = ("all", "teacher", "positives")
@@ -174,18 +176,40 @@ def _merge(base: dict, extra: dict) -> dict:
 _TOP_LEVEL = {f.name for f in dataclasses.fields(Recipe)}
 
 
+def builtin_names(folder: Path = CONFIGS_DIR) -> list[str]:
+    """The names of the built-in configs in ``folder`` (``recommended``, ...), sorted."""
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def config_file(name_or_path: str | os.PathLike, folder: Path = CONFIGS_DIR, kind: str = "recipe") -> Path:
+    """The file meant by a path, or by the name of a built-in config (``recommended`` → ``folder/recommended.yaml``).
+
+    An existing file, or a text with a suffix or a slash, is a path; any other text is a built-in name. Either way a
+    missing file is a one-line error that lists the built-in names.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if path.is_file():
+        return path
+    builtin = f"(built-in {kind}s: {', '.join(builtin_names(folder))})"
+    if path.suffix or "/" in text or os.sep in text:
+        raise DetkdError(f"{path}: {kind} not found {builtin}")
+    path = folder / f"{text}.yaml"
+    if not path.is_file():
+        raise DetkdError(f"{text}: neither a {kind} file nor a built-in {kind} {builtin}")
+    return path
+
+
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Recipe:
-    """Load a recipe file (or the defaults) and apply overrides.
+    """Load a recipe file, or a built-in recipe by name (``recommended``), or the defaults; apply overrides.
 
     Overrides name recipe keys (``teacher=t.pt``, ``distill.logit.weight=2``); any other top-level key is an
     Ultralytics training key (``epochs=3`` → ``train.epochs``).
     """
-    source = str(path) if path else "recipe"
-    raw: dict = {}
+    source, raw = "recipe", {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise DetkdError(f"{path}: recipe not found")
+        path = config_file(path)
+        source = str(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -199,9 +223,4 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | di
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

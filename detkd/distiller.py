@@ -18,6 +18,7 @@ from detkd import losses
 from detkd.adapters.view import DetectorView
 from detkd.config import DistillConfig, FeatureLossConfig, ScheduleConfig
 from detkd.errors import DetkdError
+from detkd.utils import class_key
 
 
 def build_connector(kind: str, c_in: int, c_out: int) -> nn.Module:
@@ -31,23 +32,19 @@ def build_connector(kind: str, c_in: int, c_out: int) -> nn.Module:
     raise DetkdError(f"recipe: unknown connector {kind!r}")
 
 
-def _norm_name(name: str) -> str:
-    return name.strip().lower().replace("_", " ")
-
-
 def class_pairs(
     student_names: dict[int, str], teacher_names: dict[int, str], class_map: dict[str, str] | None = None
 ) -> tuple[list[int], list[int]]:
     """(student indices, teacher indices) of the classes both know, by name or by ``class_map``."""
-    by_name = {_norm_name(n): i for i, n in teacher_names.items()}
+    by_name = {class_key(n): i for i, n in teacher_names.items()}
     s_idx, t_idx = [], []
     for i, name in sorted(student_names.items()):
         target = (class_map or {}).get(name, name)
-        if class_map and name in class_map and _norm_name(target) not in by_name:
+        if class_map and name in class_map and class_key(target) not in by_name:
             raise DetkdError(f"recipe: class_map maps '{name}' to '{target}', which the teacher does not have")
-        if _norm_name(target) in by_name:
+        if class_key(target) in by_name:
             s_idx.append(i)
-            t_idx.append(by_name[_norm_name(target)])
+            t_idx.append(by_name[class_key(target)])
     return s_idx, t_idx
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from detkd.data.dataset import DetectionDataset
 from detkd.errors import DetkdError
+from detkd.utils import class_key, save_json
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _METRIC_HELP = {
@@ -91,14 +91,11 @@ def class_to_category(model_names: Mapping[int, str], dataset: DetectionDataset)
     """Map a model's class indices to the data set's category ids by name.
 
     Classes the data set lacks are left out (their detections are dropped). Names are compared
-    case-insensitively with ``_`` and spaces treated alike, so ``traffic light`` matches ``traffic_light``.
+    case-insensitively with ``_`` and spaces treated alike (:func:`detkd.utils.class_key`), so ``traffic light``
+    matches ``traffic_light``.
     """
-
-    def norm(s: str) -> str:
-        return s.strip().lower().replace("_", " ")
-
-    by_name = {norm(c.name): c.id for c in dataset.categories}
-    mapping = {i: by_name[norm(n)] for i, n in model_names.items() if norm(n) in by_name}
+    by_name = {class_key(c.name): c.id for c in dataset.categories}
+    mapping = {i: by_name[class_key(n)] for i, n in model_names.items() if class_key(n) in by_name}
     if not mapping:
         raise DetkdError(
             f"{dataset.source}: none of the model's classes ({', '.join(list(model_names.values())[:8])}, ...) "
@@ -170,16 +167,6 @@ def load_yolo_checkpoint(path: str | os.PathLike):
     except Exception as e:  # torch.load / unpickling / format errors: a foreign or damaged file
         first_line = next((line for line in str(e).splitlines() if line.strip()), "")
         raise DetkdError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {first_line})") from e
-
-
-def save_json(obj, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (a killed run never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return path
 
 
 def evaluate_checkpoint(

@@ -1,7 +1,7 @@
 """The main job on built-in data: a teacher, the student alone, the student distilled, one COCO table.
 
 It is what the README's first command runs: generate synthetic scenes, check them, train (or reuse) a yolov8s
-teacher, train a yolov8n student alone and with ``configs/recommended.yaml`` at the same budget, and print the
+teacher, train a yolov8n student alone and with the built-in ``recommended`` recipe at the same budget, and print the
 COCO table of all three side by side. About 15 minutes on two CPU cores.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from detkd.config import load_recipe
 from detkd.data import check_dataset
 from detkd.data.synth import SynthConfig, generate_synthetic
-from detkd.evaluation import evaluate_checkpoint, format_table, save_json
+from detkd.evaluation import evaluate_checkpoint, format_table
+from detkd.utils import save_json
 
 QUICKSTART = {
     "train": 500,
@@ -26,7 +27,7 @@ QUICKSTART = {
     "epochs": 10,
     "batch": 16,
 }
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "recommended.yaml"
+RECIPE = "recommended"  # the built-in recipe (detkd/configs/recommended.yaml)
 
 
 def quickstart(
@@ -79,7 +80,7 @@ def quickstart(
     _step(3, f"training the student {cfg['student']} alone for {cfg['epochs']} epochs")
     YOLO(cfg["student"]).train(**common, epochs=cfg["epochs"], name="student_alone")
 
-    _step(4, f"training the student with distillation ({RECIPE.name}) for {cfg['epochs']} epochs")
+    _step(4, f"training the student with distillation (the {RECIPE} recipe) for {cfg['epochs']} epochs")
     recipe = load_recipe(RECIPE, {"teacher": str(teacher), "student": cfg["student"]})
     distill(recipe, **common, epochs=cfg["epochs"], name="student_distilled")
 

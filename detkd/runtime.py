@@ -16,6 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from detkd.utils import atomic_write
+
 # Integrations Ultralytics enables from settings.json; each may open connections of its own.
 _INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 _FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
@@ -60,9 +62,7 @@ def _install_fonts(ultralytics_dir: Path) -> None:
     for name in _FONTS:
         target = ultralytics_dir / name
         if not target.exists() and source.exists():
-            tmp = target.with_suffix(".tmp")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 _done = False

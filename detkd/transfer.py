@@ -37,8 +37,8 @@ from torch import nn
 
 from detkd.adapters.ultralytics import load_ultralytics_model
 from detkd.errors import DetkdError
-from detkd.evaluation import save_json
 from detkd.runtime import ultralytics_offline
+from detkd.utils import atomic_write, save_json
 
 KINDS = ("auto", "classifier", "detector", "larger")
 ACTIONS = ("copied", "selected", "reinitialized", "skipped")
@@ -553,11 +553,7 @@ def _save_checkpoint(model: nn.Module, out: Path, report: TransferReport, data: 
         "train_args": {"task": "detect", **({"data": str(data)} if data else {})},
         "detkd_transfer": summary,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda tmp: torch.save(ckpt, tmp))
 
 
 def transfer(

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+
+# process fixtures
+
+
+def detkd_env() -> dict[str, str]:
+    """The environment of a child process that imports the detkd under test, whatever its working directory."""
+    import detkd
+
+    root = str(Path(detkd.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture
+def run_detkd(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_detkd(*args, timeout=120)``: the ``detkd`` command in a fresh process run in ``tmp_path``."""
+
+    def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "detkd.cli", *map(str, args)]
+        return subprocess.run(command, cwd=tmp_path, env=detkd_env(), capture_output=True, text=True, timeout=timeout)
+
+    return run
+
 
 # data fixtures
 # Tiny sets on disk: noise images written with cv2 (so JPEGs have real entropy and can be truncated), labels

@@ -1,13 +1,37 @@
 import pytest
 
-from detkd.config import load_recipe, parse_overrides
+from detkd.config import CONFIGS_DIR, builtin_names, load_recipe, parse_overrides
 from detkd.errors import DetkdError
 
 
-def test_recipes_in_configs_load(tmp_path):
-    for name in ("recommended", "ultralytics_builtin"):
-        recipe = load_recipe(f"configs/{name}.yaml", ["teacher=t.pt", "epochs=3", "distill.logit.weight=0.5"])
+def test_built_in_recipes_load_by_name_and_by_path():
+    assert builtin_names() == ["recommended", "ultralytics_builtin"]
+    for name in builtin_names():
+        recipe = load_recipe(name, ["teacher=t.pt", "epochs=3", "distill.logit.weight=0.5"])
         assert recipe.teacher == "t.pt" and recipe.train["epochs"] == 3 and recipe.distill.logit.weight == 0.5
+        assert load_recipe(name) == load_recipe(CONFIGS_DIR / f"{name}.yaml") and load_recipe(name).distills
+
+
+def test_a_local_file_wins_over_a_built_in_name(tmp_path, monkeypatch):
+    (tmp_path / "recommended").write_text("distill: {logit: {weight: 3.0}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("recommended").distill.logit.weight == 3.0
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("recomended", "recomended: neither a recipe file nor a built-in recipe"),
+        ("my/recipe.yaml", "my/recipe.yaml: recipe not found"),
+        ("recipe.yaml", "recipe.yaml: recipe not found"),
+    ],
+)
+def test_an_unknown_recipe_is_one_line_listing_the_built_in_names(given, message):
+    with pytest.raises(DetkdError) as e:
+        load_recipe(given)
+    text = str(e.value)
+    assert text.startswith(message) and text.endswith("(built-in recipes: recommended, ultralytics_builtin)")
+    assert "\n" not in text
 
 
 def test_overrides_parse_yaml_values_and_nest():

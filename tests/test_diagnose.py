@@ -21,7 +21,7 @@ from detkd.diagnose import (
     linear_cka,
 )
 
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "recommended.yaml"
+RECIPE = "recommended"
 
 # CKA
 

@@ -9,7 +9,8 @@ from pycocotools.cocoeval import COCOeval
 
 from detkd.data.dataset import Annotation, Category, DetectionDataset, ImageRecord
 from detkd.errors import DetkdError
-from detkd.evaluation import COCO_METRICS, ap_per_class, class_to_category, coco_evaluate, format_table, save_json
+from detkd.evaluation import COCO_METRICS, ap_per_class, class_to_category, coco_evaluate, format_table
+from detkd.utils import save_json
 
 
 def _dataset(boxes_per_image: dict[int, list[tuple[int, list[float]]]]) -> DetectionDataset:

@@ -70,10 +70,23 @@ def test_build_train_val_export_never_touches_the_network(tmp_path):
     result = json.loads(lines[-1][len("RESULT ") :])
     assert "error" not in result, result["error"] + proc.stderr[-3000:]
     assert result["attempts"] == []
-    assert Path(result["onnx"]).is_file()
+    _onnx_detects(Path(result["onnx"]), imgsz=64, classes=8)
     assert 0.0 <= result["AP"] <= 1.0
     assert result["threads"] == len(os.sched_getaffinity(0))  # every allowed core, not Ultralytics' cores - 1
     # detkd's own config dir, with the fonts that stop check_font's download; the user's stays untouched
     assert (home / ".config" / "detkd" / "Ultralytics" / "settings.json").is_file()
     assert (home / ".config" / "detkd" / "Ultralytics" / "Arial.ttf").is_file()
     assert not (home / ".config" / "Ultralytics").exists()
+
+
+def _onnx_detects(path: Path, imgsz: int, classes: int) -> None:
+    """The exported model runs without PyTorch or Ultralytics and outputs YOLO's (1, 4 + classes, anchors) tensor."""
+    import numpy as np
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (input_,) = session.get_inputs()
+    image = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    (output,) = session.run(None, {input_.name: image})
+    anchors = sum((imgsz // stride) ** 2 for stride in (8, 16, 32))
+    assert output.shape == (1, 4 + classes, anchors) and np.isfinite(output).all()

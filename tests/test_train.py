@@ -32,7 +32,7 @@ def distilled_run(synth_data, teacher_checkpoint, tmp_path_factory):
     trainer looked like while it trained."""
     project = tmp_path_factory.mktemp("runs")
     overrides = {"teacher": str(teacher_checkpoint), "data": str(synth_data), "distill": {"feature": [{"loss": "cwd"}]}}
-    recipe = load_recipe("configs/recommended.yaml", overrides)
+    recipe = load_recipe("recommended", overrides)
     trainer = trainer_for(recipe)(
         overrides={"model": "yolov8n.yaml", "data": str(synth_data), "project": str(project), "name": "kd", **TRAIN}
     )
@@ -133,19 +133,19 @@ def test_missing_teacher_or_bad_data_is_a_one_line_error(synth_data, tmp_path):
     from detkd.engine import distill
 
     with pytest.raises(DetkdError, match="'teacher' is not set"):
-        distill("configs/recommended.yaml", data=str(synth_data))
+        distill("recommended", data=str(synth_data))
     with pytest.raises(DetkdError, match="nothing to do beyond plain training"):
         distill(None, data=str(synth_data))
     with pytest.raises(DetkdError, match="a teacher is set but 'distill' has no loss"):
         distill(None, teacher=str(tmp_path / "nope.pt"), data=str(synth_data))
     with pytest.raises(DetkdError, match="nope.pt: teacher checkpoint not found"):
-        distill("configs/recommended.yaml", teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
+        distill("recommended", teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
 
 
 def test_killed_run_resumes_from_last_checkpoint(synth_data, teacher_checkpoint, tmp_path):
     from detkd.engine import resume
 
-    recipe = load_recipe("configs/recommended.yaml", {"teacher": str(teacher_checkpoint), "data": str(synth_data)})
+    recipe = load_recipe("recommended", {"teacher": str(teacher_checkpoint), "data": str(synth_data)})
     trainer = trainer_for(recipe)(
         overrides={
             "model": "yolov8n.yaml",
@@ -238,5 +238,5 @@ def test_broken_data_is_refused_with_the_report(synth_data, teacher_checkpoint, 
     label = sorted((broken / "labels" / "train").glob("*.txt"))[0]
     label.write_text("99 0.5 0.5 0.2 0.2\n")  # a class beyond the names
     with pytest.raises(DataError) as e:
-        distill("configs/recommended.yaml", teacher=str(teacher_checkpoint), data=str(broken / "data.yaml"), **TRAIN)
+        distill("recommended", teacher=str(teacher_checkpoint), data=str(broken / "data.yaml"), **TRAIN)
     assert label.name in e.value.report.format()

@@ -4,8 +4,8 @@
     python tools/benchmark.py --profile quick|cpu|gpu|PATH.yaml [--out runs/bench/NAME] [--teacher CKPT]
                               [--methods NAME ...] [--seeds SEED ...]
 
-The same as ``detkd benchmark``; see :mod:`detkd.benchmark` and ``configs/benchmarks/``. Rerun the same command to
-resume a cut benchmark: finished runs are kept, the report is rewritten after every run.
+The same as ``detkd benchmark``; see :mod:`detkd.benchmark` and the built-in profiles in ``detkd/configs/benchmarks/``.
+Rerun the same command to resume a cut benchmark: finished runs are kept, the report is rewritten after every run.
 """
 
 import sys

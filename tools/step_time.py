@@ -9,7 +9,7 @@ and (c)/((a)+(b)): what distillation adds beyond the teacher forward it cannot a
 Peak memory of the same three workloads, each in a fresh process (CPU: the process's peak resident set size
 above what it held before the models were built; CUDA: peak allocated bytes): (c)/((a)+(b)).
 
-    python tools/step_time.py [--recipe configs/recommended.yaml] [--teacher yolov8s.yaml | t.pt]
+    python tools/step_time.py [--recipe recommended | PATH.yaml] [--teacher yolov8s.yaml | t.pt]
                               [--student yolov8n.yaml] [--imgsz 160] [--batch 16] [--steps 20] [--device cpu]
 """
 
@@ -161,7 +161,7 @@ def _memory_in_child(workload: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="configs/recommended.yaml")
+    p.add_argument("--recipe", default="recommended", help="a built-in recipe's name or a recipe file")
     p.add_argument("--teacher", default="yolov8s.yaml", help="checkpoint, or a config for an untrained teacher")
     p.add_argument("--student", default="yolov8n.yaml")
     p.add_argument("--imgsz", type=int, default=160)

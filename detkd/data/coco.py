@@ -11,6 +11,7 @@ from typing import Any
 
 from detkd.data.dataset import Annotation, Category, DetectionDataset, ImageRecord, read_mapping, require
 from detkd.errors import DetkdError
+from detkd.utils import write_text
 
 _SPLIT_WORDS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -60,10 +61,7 @@ def load_coco(
 
 def write_coco(ds: DetectionDataset, json_path: str | Path) -> Path:
     """Write ``ds`` as a COCO instances json (``file_name`` as stored in the records)."""
-    path = Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ds.to_coco()), encoding="utf-8")
-    return path
+    return write_text(json_path, json.dumps(ds.to_coco()))
 
 
 def guess_split(stem: str) -> str:

@@ -25,6 +25,7 @@ from PIL import Image
 
 from detkd.data.dataset import Annotation, Category, DetectionDataset, ImageRecord, read_mapping, require
 from detkd.errors import DetkdError
+from detkd.utils import write_text
 
 IMG_FORMATS = frozenset(
     {"avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp"}
@@ -181,15 +182,14 @@ def write_yolo(splits: dict[str, DetectionDataset], out_dir: str | Path) -> Path
     names = _merged_names(splits)
     class_of = {category_id: i for i, category_id in enumerate(names)}
     meta = {split: _write_labels(ds.with_images_in(out, f"images/{split}"), class_of) for split, ds in splits.items()}
-    (out / META_FILE).write_text(json.dumps({"splits": meta}), encoding="utf-8")
+    write_text(out / META_FILE, json.dumps({"splits": meta}))
     data = {
         **{split: f"images/{split}" for split in splits},
         "names": {i: name for i, name in enumerate(names.values())},
         "detkd": {"category_ids": list(names), "meta": META_FILE},
     }
-    yaml_path = out / "data.yaml"
-    yaml_path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return yaml_path
+    # written last, atomically: a complete data.yaml marks a complete set (the quickstart and benchmark reuse one)
+    return write_text(out / "data.yaml", yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def _label_rows(spec: YoloSpec, label: Path) -> list[tuple[int, float, float, float, float]]:

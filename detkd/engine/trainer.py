@@ -17,7 +17,6 @@ that a killed run resumes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from detkd.config import Recipe, save_recipe
 from detkd.distiller import Distiller, schedule_factor
 from detkd.engine.criterion import DistillationCriterion
 from detkd.runtime import ultralytics_offline
+from detkd.utils import atomic_write, save_json
 
 ultralytics_offline()
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
@@ -63,8 +63,7 @@ class DetkdTrainer(DetectionTrainer):
 
             report = transfer_weights(load_model(init.source), model, init.kind)
             LOGGER.info(f"detkd: transfer from {init.source}\n{report.format()}")
-            report_file.parent.mkdir(parents=True, exist_ok=True)
-            report_file.write_text(json.dumps(report.to_json()))
+            save_json(report.to_json(), report_file)  # a resumed run reads it back
         if init.source and report_file.exists():  # a resumed run finds what was transferred where it left it
             self.transferred = frozenset(json.loads(report_file.read_text())["transferred"])
         return model
@@ -139,10 +138,8 @@ class DetkdTrainer(DetectionTrainer):
     def save_model(self):
         saved = super().save_model()
         if self.distiller is not None:
-            state = self.wdir / "distiller.pt"
-            tmp = state.with_name(state.name + ".tmp")
-            torch.save(self.distiller.state_dict(), tmp)
-            os.replace(tmp, state)  # atomic: a kill mid-write leaves the previous state
+            state_dict = self.distiller.state_dict()
+            atomic_write(self.wdir / "distiller.pt", lambda tmp: torch.save(state_dict, tmp))
         return saved
 
     def _do_train(self):

@@ -1,0 +1,225 @@
+"""Benchmark jobs: one training (or evaluation) per (method, seed), each in its own process, cached when done.
+
+Each run trains in a fresh process (``python -m detkd.benchmark run-one JOB.json``), so a crash costs one run and
+peak memory is that run's own. A finished run leaves ``run.json`` beside its Ultralytics files and is skipped
+next time while its :class:`Job` is unchanged: the Job's fields are the cache key, so renaming or reordering them
+makes every earlier run look unfinished.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from detkd.benchmark.profiles import DataSpec, Method, Profile, method_recipe
+from detkd.config import load_recipe
+from detkd.utils import save_json
+
+
+@dataclass
+class Job:
+    """One run; ``run.json`` in ``run_dir`` marks it done, and is trusted only while the job is unchanged."""
+
+    method: str
+    seed: int
+    run_dir: str
+    model: str  # the config to train, or (``train`` None) the checkpoint to evaluate
+    train: dict[str, Any] | None  # Ultralytics training keys
+    recipe: dict[str, Any] | None  # detkd recipe: trains through detkd.engine.distill
+    eval_data: str  # COCO json or YOLO data yaml
+    eval_imgsz: int
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.run_dir) / "weights" / "best.pt" if self.train is not None else Path(self.model)
+
+    def finished(self) -> dict | None:
+        """The run record if this job completed with exactly these settings."""
+        record_file = Path(self.run_dir) / "run.json"
+        if not record_file.is_file():
+            return None
+        record = json.loads(record_file.read_text())
+        return record if record.get("job") == json.loads(json.dumps(asdict(self))) else None
+
+
+@dataclass
+class Bench:
+    """A profile bound to an output folder: its data, its teacher, and the job of any (method, seed)."""
+
+    profile: Profile
+    out: Path
+    data_yaml: Path
+    eval_data: Path  # the COCO val json of synthetic data, else the data yaml (its val split)
+    teacher: Job
+
+    @classmethod
+    def prepare(cls, profile: Profile, out: str | os.PathLike) -> Bench:
+        """Generate the synthetic data if needed (once per output folder) and plan the teacher."""
+        out = Path(out).resolve()
+        data_yaml, eval_data = _prepare_data(profile.data, out)
+        teacher_data = data_yaml if profile.teacher.data is None else _prepare_data(profile.teacher.data, out)[0]
+        return cls(profile, out, data_yaml, eval_data, _teacher_job(profile, out, teacher_data, eval_data))
+
+    def job(self, method: Method, seed: int) -> Job:
+        """The run of ``method`` at ``seed``: the same training keys for every method, plus what the method adds."""
+        p = self.profile
+        run_dir = self.out / "runs" / f"{method.name}_s{seed}"
+        train = _train_args(p, self.data_yaml, seed, run_dir, p.budget.epochs)
+        recipe = None
+        if method.kind == "builtin":
+            train.update(distill_model=str(self.teacher.checkpoint), dis=6.0 if method.dis is None else method.dis)
+        elif method.kind == "detkd":
+            recipe = method_recipe(method, str(self.teacher.checkpoint), p.student, str(self.data_yaml)).to_dict()
+        return Job(method.name, seed, str(run_dir), p.student, train, recipe, str(self.eval_data), p.budget.imgsz)
+
+    def finished_runs(self) -> list[dict]:
+        """Every finished run of the profile's methods, any seed, whose settings match the profile's."""
+        runs = []
+        for m in self.profile.methods:
+            for record_file in sorted((self.out / "runs").glob(f"{m.name}_s*/run.json")):
+                seed = json.loads(record_file.read_text()).get("seed")
+                if isinstance(seed, int) and (record := self.job(m, seed).finished()) is not None:
+                    runs.append(record)
+        return runs
+
+
+def _prepare_data(spec: DataSpec, out: Path) -> tuple[Path, Path]:
+    """The data yaml to train on and what to evaluate on: the COCO val json of synthetic scenes (generated once
+    per output folder), else the data yaml (its val split)."""
+    s = spec.synthetic
+    if s is None:
+        return Path(spec.yaml), Path(spec.yaml)
+    root = out / "data" / f"synth_{s.train}_{s.val}_{s.imgsz}px_s{s.seed}"
+    if not (root / "data.yaml").is_file():  # written last: its presence means a complete set
+        from detkd.data.synth import SynthConfig, generate_synthetic
+
+        log(f"generating {s.train} + {s.val} synthetic scenes at {s.imgsz} px in {root}")
+        generate_synthetic(root, s.train, s.val, seed=s.seed, cfg=SynthConfig(imgsz=s.imgsz))
+    return root / "data.yaml", root / "annotations" / "instances_val.json"
+
+
+def _train_args(profile: Profile, data_yaml: Path, seed: int, run_dir: Path, epochs: int) -> dict[str, Any]:
+    b = profile.budget
+    args = {
+        **b.train,
+        "data": str(data_yaml),
+        "epochs": epochs,
+        "imgsz": b.imgsz,
+        "batch": b.batch,
+        "workers": b.workers,
+        "seed": seed,
+        "project": str(run_dir.parent),
+        "name": run_dir.name,
+        "exist_ok": True,
+        "plots": False,
+    }
+    return args if b.device is None else {**args, "device": b.device}
+
+
+def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) -> Job:
+    """Train the teacher on ``data_yaml`` (cached under ``out/teacher``, keyed by data, model, epochs and budget),
+    or only evaluate a given checkpoint; either is evaluated on the students' ``eval_data``."""
+    t, b, seed = profile.teacher, profile.budget, profile.seeds[0]
+    if t.checkpoint:
+        ckpt = Path(t.checkpoint)
+        run_dir = out / "teacher" / f"{ckpt.stem}_{_digest(str(ckpt.resolve()), ckpt.stat().st_mtime)}"
+        return Job("teacher", seed, str(run_dir), str(ckpt), None, None, str(eval_data), b.imgsz)
+    key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, b.batch, seed, b.train)
+    run_dir = out / "teacher" / f"{Path(t.model).stem}_e{t.epochs}_{key}"
+    train = _train_args(profile, data_yaml, seed, run_dir, t.epochs)
+    return Job("teacher", seed, str(run_dir), t.model, train, None, str(eval_data), b.imgsz)
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def run_job(job: Job) -> dict:
+    """Train (unless the job only evaluates), measure, evaluate with COCO; write ``run.json``. In the child."""
+    from detkd.evaluation import evaluate_checkpoint
+    from detkd.runtime import ultralytics_offline
+
+    ultralytics_offline()
+    start = time.time()
+    best = _train(job) if job.train is not None else job.checkpoint
+    memory = _peak_memory()
+    run_dir = Path(job.run_dir)
+    device = (job.train or {}).get("device")
+    metrics = evaluate_checkpoint(best, job.eval_data, job.eval_imgsz, run_dir / "coco_metrics.json", device=device)
+    curve = read_curve(run_dir / "results.csv") if job.train is not None else {}
+    record = {
+        "method": job.method,
+        "seed": job.seed,
+        "checkpoint": str(best),
+        "metrics": metrics,
+        **curve,
+        **memory,
+        "wall_s": round(time.time() - start, 1),
+        "job": asdict(job),
+    }
+    save_json(record, run_dir / "run.json")
+    return record
+
+
+def _train(job: Job) -> Path:
+    if job.recipe is not None:
+        from detkd.engine import distill
+
+        return distill(load_recipe(None, job.recipe), **job.train)
+    from ultralytics import YOLO
+
+    model = YOLO(job.model)
+    model.train(**job.train)
+    return Path(model.trainer.best)
+
+
+def _peak_memory() -> dict[str, Any]:
+    """Peak memory of this process's training: CUDA allocations on a GPU, resident set size on a CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "memory": "cuda"}
+    try:
+        import resource
+    except ImportError:  # Windows
+        return {"peak_memory_mb": None, "memory": "rss"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1), "memory": "rss"}
+
+
+def read_curve(results_csv: Path) -> dict[str, Any]:
+    """Epochs, seconds per epoch (Ultralytics' ``time`` column is cumulative) and mAP50-95 per epoch."""
+    with open(results_csv, newline="") as f:
+        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+    if not rows:
+        return {"epochs": 0, "time_per_epoch_s": None, "map_per_epoch": []}
+    return {
+        "epochs": len(rows),
+        "time_per_epoch_s": round(float(rows[-1]["time"]) / len(rows), 2),
+        "map_per_epoch": [float(r["metrics/mAP50-95(B)"]) for r in rows],
+    }
+
+
+def run_in_child(job: Job) -> int:
+    """Run ``job`` in a fresh process, its output in ``run_dir/bench.log``; a half-done run is started over."""
+    run_dir = Path(job.run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # Ultralytics would append to an old results.csv
+    run_dir.mkdir(parents=True)
+    job_file = save_json(asdict(job), run_dir / "job.json")
+    with open(run_dir / "bench.log", "w") as output:
+        command = [sys.executable, "-m", "detkd.benchmark", "run-one", str(job_file)]
+        return subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+
+
+def log(message: str) -> None:
+    """Progress of the benchmark, on stdout as it happens (runs take minutes)."""
+    print(message, flush=True)

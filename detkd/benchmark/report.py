@@ -1,0 +1,203 @@
+"""Benchmark report: runs aggregated over seeds against the baseline and the teacher, as JSON, markdown and plots.
+
+After every run the report is rewritten: ``results.json``, ``results.md``, ``map_vs_epoch.png`` and ``gains.png``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from detkd.benchmark.jobs import Bench
+from detkd.evaluation import COCO_METRICS
+from detkd.utils import save_json, write_text
+
+TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def gap_closed(ap: float, alone_ap: float, teacher_ap: float) -> float | None:
+    """(AP − AP_alone) / (AP_teacher − AP_alone): the fraction of the teacher–student gap closed; None if the
+    teacher is not better than the student alone."""
+    return (ap - alone_ap) / (teacher_ap - alone_ap) if teacher_ap > alone_ap else None
+
+
+def summarise(runs: list[dict], order: list[str], baseline: str | None, teacher_ap: float | None) -> list[dict]:
+    """Per method with runs (in ``order``): COCO metrics as mean ± std over seeds, AP gain over the baseline, the
+    fraction of the teacher–student gap closed, seconds per epoch as a ratio to the baseline's, peak memory (the
+    largest over seeds) and the mean mAP curve."""
+    rows = [_summarise_method(name, [r for r in runs if r["method"] == name]) for name in order]
+    rows = [r for r in rows if r is not None]
+    base = next((r for r in rows if r["method"] == baseline), None)
+    for row in rows:
+        ap, tpe = row["metrics"]["AP"]["mean"], row["time_per_epoch_s"]
+        base_ap, base_tpe = (base["metrics"]["AP"]["mean"], base["time_per_epoch_s"]) if base else (None, None)
+        row["gain_AP"] = None if base_ap is None else ap - base_ap
+        row["gap_closed"] = None if None in (base_ap, teacher_ap) else gap_closed(ap, base_ap, teacher_ap)
+        row["time_ratio"] = tpe / base_tpe if tpe and base_tpe else None
+    return rows
+
+
+def _summarise_method(name: str, runs: list[dict]) -> dict | None:
+    if not runs:
+        return None
+    times = [r["time_per_epoch_s"] for r in runs if r.get("time_per_epoch_s")]
+    memory = [r["peak_memory_mb"] for r in runs if r.get("peak_memory_mb") is not None]
+    curves = [r["map_per_epoch"] for r in runs if r.get("map_per_epoch")]
+    length = min((len(c) for c in curves), default=0)
+    return {
+        "method": name,
+        "seeds": sorted(r["seed"] for r in runs),
+        "metrics": {k: mean_std([r["metrics"][k] for r in runs]) for k in COCO_METRICS},
+        "time_per_epoch_s": statistics.fmean(times) if times else None,
+        "peak_memory_mb": max(memory, default=None),
+        "memory": runs[0].get("memory"),
+        "map_per_epoch": [statistics.fmean(c[e] for c in curves) for e in range(length)],
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    from detkd.runtime import cpu_threads, ultralytics_offline
+
+    ultralytics_offline()  # sets the torch threads that every run uses
+    from ultralytics.utils.torch_utils import get_cpu_info
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpus": cpu_threads(), "torch_threads": torch.get_num_threads(), "device": gpu or get_cpu_info()}
+
+
+def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) -> dict:
+    """Everything finished so far in the bench's output folder, summarised."""
+    profile, teacher = bench.profile, bench.teacher.finished()
+    runs = bench.finished_runs()
+    methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher and teacher["metrics"]["AP"])
+    kinds = {m.name: m.kind for m in profile.methods}
+    return {
+        "profile": profile.name,
+        "command": command,
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "data": asdict(profile.data),
+        "budget": asdict(profile.budget),
+        "student": profile.student,
+        "teacher": {**asdict(profile.teacher), "metrics": teacher and teacher["metrics"]},
+        "baseline": profile.baseline,
+        "methods": [{**row, "kind": kinds[row["method"]]} for row in methods],
+        "runs": [{k: v for k, v in r.items() if k != "job"} for r in runs],
+        "failed": list(failed),
+    }
+
+
+def write_report(report: dict, out: Path) -> dict:
+    """``results.json`` (atomically), then ``results.md``, ``map_vs_epoch.png`` and ``gains.png``."""
+    save_json(report, out / "results.json")
+    write_text(out / "results.md", format_markdown(report))
+    plot_map_vs_epoch(report["methods"], out / "map_vs_epoch.png")
+    plot_gains(report["methods"], report["baseline"], out / "gains.png")
+    return report
+
+
+def _pm(stat: dict[str, float | None]) -> str:
+    """``mean ± std``; ``n/a`` for COCO's -1 (no object of that size in the set)."""
+    if stat["mean"] < 0:
+        return "n/a"
+    return f"{stat['mean']:.4f} ± " + ("—" if stat["std"] is None else f"{stat['std']:.4f}")
+
+
+def _cell(value: float | None, fmt: str, unit: str = "") -> str:
+    return "—" if value is None else format(value, fmt) + unit
+
+
+def format_markdown(report: dict) -> str:
+    """A header (command, date, machine, data, budget, teacher and baseline AP), then one row per method."""
+    m, b, d, teacher = report["machine"], report["budget"], report["data"], report["teacher"]
+    s = d["synthetic"]
+    data = f"synthetic scenes, {s['train']} train / {s['val']} val at {s['imgsz']} px" if s else d["yaml"]
+    teacher_name = teacher["checkpoint"] or f"{teacher['model']} ({teacher['epochs']} epochs)"
+    teacher_ap = _cell(teacher["metrics"] and teacher["metrics"]["AP"], ".4f")
+    base = next((r for r in report["methods"] if r["method"] == report["baseline"]), None)
+    memory = "CUDA allocated" if any(r["memory"] == "cuda" for r in report["methods"]) else "resident set size"
+    lines = [
+        f"# detkd benchmark: {report['profile']}",
+        "",
+        f"`{report['command']}` ({report['date']})",
+        "",
+        f"- machine: {m['cpus']} CPUs, {m['torch_threads']} torch threads, {m['device']}",
+        f"- data: {data}; budget: {b['epochs']} epochs at {b['imgsz']} px, batch {b['batch']}; student "
+        f"{report['student']}",
+        f"- teacher {teacher_name}: AP {teacher_ap}; baseline ({report['baseline']}): AP "
+        + (_pm(base["metrics"]["AP"]) if base else "—"),
+        "",
+        "| method | AP | AP50 | AP75 | APs | APm | APl | seeds | gap closed | time/epoch | peak mem (MB) |",
+        "|---|" + "---|" * 10,
+    ]
+    for r in report["methods"]:
+        gap = r["gap_closed"] and 100 * r["gap_closed"]
+        cells = [
+            r["method"],
+            *(_pm(r["metrics"][k]) for k in TABLE_METRICS),
+            str(len(r["seeds"])),
+            _cell(gap, ".1f", " %"),
+            _cell(r["time_ratio"], ".2f", "×"),
+            _cell(r["peak_memory_mb"], ".0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "COCO metrics as mean ± std over seeds (— for one seed). Gap closed: (AP − AP_alone) / (AP_teacher − "
+        "AP_alone). Time/epoch: wall time per epoch (training and validation) over the baseline's. Peak memory: "
+        f"{memory} of the training process (data-loading workers not included), the largest over seeds.",
+    ]
+    if report["failed"]:
+        lines += ["", "Failed runs (see bench.log in each): " + ", ".join(report["failed"])]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width: float = 7.0, height: float = 4.5):
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def plot_map_vs_epoch(methods: list[dict], path: Path) -> None:
+    """COCO-style mAP50-95 from Ultralytics' validation each epoch, mean over seeds, one line per method."""
+    import matplotlib
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure()
+    colors = matplotlib.colormaps["tab20"].colors  # dark shades, then light dashed: the default cycle repeats at 10
+    for i, r in enumerate(methods):
+        if r["map_per_epoch"]:
+            epochs = range(1, len(r["map_per_epoch"]) + 1)
+            style = {"color": colors[2 * i % 20 + i // 10 % 2], "linestyle": "-" if i < 10 else "--"}
+            ax.plot(epochs, r["map_per_epoch"], marker="o", markersize=3, label=r["method"], **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="mAP50-95 (validation, mean over seeds)", title="mAP vs epoch")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def plot_gains(methods: list[dict], baseline: str | None, path: Path) -> None:
+    """COCO AP gain over the baseline per method, error bars the method's std over seeds."""
+    fig, ax = _figure(max(5.0, 0.8 * len(methods) + 2), 4.5)
+    rows = [r for r in methods if r["gain_AP"] is not None]
+    errors = [r["metrics"]["AP"]["std"] or 0.0 for r in rows]
+    bars = ax.bar([r["method"] for r in rows], [r["gain_AP"] for r in rows], yerr=errors, capsize=4)
+    ax.bar_label(bars, fmt="%+.4f", fontsize="small", padding=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(ylabel=f"AP − AP of {baseline or 'baseline'}", title="COCO AP gain over the student alone")
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.savefig(path, dpi=120)
