@@ -3,11 +3,16 @@
 A recipe says who teaches whom on what data (``teacher``, ``student``, ``data``), how long (``train``: any
 Ultralytics training keys, passed through), and what is distilled (``distill``: feature, logit and box losses
 with weights, class mapping and a weight schedule). ``detkd train RECIPE key=value ...`` overrides any of it.
+
+Everything is checked when the recipe loads, before a model is built: unknown keys and wrong types, feature loss
+names and their ``params`` (from :mod:`detkd.losses.registry`), negative or non-finite weights, and the training
+keys (by Ultralytics' own check).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -18,52 +23,67 @@ from typing import Any, Literal
 import yaml
 
 from detkd.errors import DetkdError
+from detkd.losses.registry import FEATURE_LOSSES
 from detkd.utils import write_text
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # built-in recipes (package data); benchmarks/: profiles
-FEATURE_LOSSES = ("fitnet", "cwd", "pkd", "mgd", "fgd", "sl2")
-CONNECTORS = ("conv", "conv_bn", "mlp")
-LOCATIONS = ("all", "teacher", "positives")
+
+# bounds of a number, as dataclass field metadata (checked by build_dataclass)
+NON_NEGATIVE = {"minimum": 0.0}
+POSITIVE = {"exclusive_minimum": 0.0}
 
 
 @dataclass
 class FeatureLossConfig:
     """One feature-imitation loss on the neck levels (P3, P4, P5 = 0, 1, 2)."""
 
-    loss: Literal["fitnet", "cwd", "pkd", "mgd", "fgd", "sl2"] = "cwd"
-    weight: float = 1.0
+    loss: str = "cwd"  # a registered feature loss (detkd.losses.registry)
+    weight: float = field(default=1.0, metadata=NON_NEGATIVE)
     levels: list[int] = field(default_factory=lambda: [0, 1, 2])
     connector: Literal["conv", "conv_bn", "mlp"] = "conv_bn"  # student -> teacher channels (not MGD/FGD: own align)
-    params: dict[str, Any] = field(default_factory=dict)  # loss-specific, e.g. {tau: 1.0} for CWD
+    params: dict[str, Any] = field(default_factory=dict)  # the loss's keyword parameters, e.g. {tau: 1.0} for CWD
+
+    def validate(self, where: str, source: str) -> None:
+        """The loss is registered and ``params`` are its parameters, of their types."""
+        entry = FEATURE_LOSSES.get(self.loss)
+        if entry is None:
+            known = ", ".join(sorted(FEATURE_LOSSES))
+            raise DetkdError(f"{source}: '{_join(where, 'loss')}' must be one of {known}, got {self.loss!r}")
+        for key, value in self.params.items():
+            at = _join(where, f"params.{key}")
+            if key not in entry.params:
+                known = ", ".join(entry.params) or "none"
+                raise DetkdError(f"{source}: '{at}' is not a parameter of {self.loss} (parameters: {known})")
+            self.params[key] = _coerce(entry.params[key].type, value, at, source)
 
 
 @dataclass
 class LogitLossConfig:
     """Soft-target distillation of the per-class sigmoid scores."""
 
-    weight: float = 0.0
-    temperature: float = 1.0
+    weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    temperature: float = field(default=1.0, metadata=POSITIVE)
     locations: Literal["all", "teacher", "positives"] = "teacher"
-    qfl_beta: float | None = None
+    qfl_beta: float | None = field(default=None, metadata=NON_NEGATIVE)
 
 
 @dataclass
 class BoxLossConfig:
     """LD on DFL distributions when both heads have them (same reg_max); decoded-box GIoU + L1 otherwise."""
 
-    weight: float = 0.0
-    temperature: float = 10.0  # LD temperature
+    weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    temperature: float = field(default=10.0, metadata=POSITIVE)  # LD temperature
     locations: Literal["all", "teacher", "positives"] = "teacher"
-    l1_weight: float = 1.0  # decoded-box L1 relative to GIoU (decoded-box mode only)
+    l1_weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # decoded-box L1 relative to GIoU (decoded-box mode)
 
 
 @dataclass
 class ScheduleConfig:
     """Distillation weight over training: linear warm-up, optional decay, and a plain finish."""
 
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = field(default=0.0, metadata=NON_NEGATIVE)
     decay: Literal["none", "linear", "cosine"] = "none"
-    stop_last_epochs: int = 0
+    stop_last_epochs: int = field(default=0, metadata=NON_NEGATIVE)
 
 
 @dataclass
@@ -81,13 +101,15 @@ class InitConfig:
 
     source: str | None = None  # classification or detection checkpoint
     kind: Literal["auto", "classifier", "detector", "larger"] = "auto"
-    freeze_epochs: int = 0  # transferred tensors stay fixed (BN statistics included) for this many epochs
-    lr_mult: float = 1.0  # learning-rate multiplier for transferred tensors once they train
+    # transferred tensors stay fixed (BN statistics included) for this many epochs
+    freeze_epochs: int = field(default=0, metadata=NON_NEGATIVE)
+    # learning-rate multiplier for transferred tensors once they train
+    lr_mult: float = field(default=1.0, metadata=NON_NEGATIVE)
 
 
 @dataclass
 class Recipe:
-    teacher: str | None = None  # local Ultralytics checkpoint
+    teacher: str | None = None  # local checkpoint of a detector family detkd adapts (detkd.adapters.create_teacher)
     student: str = "yolov8n.yaml"  # model config (from scratch) or checkpoint
     data: str | None = None  # YOLO data yaml
     train: dict[str, Any] = field(default_factory=dict)  # Ultralytics training keys, passed through
@@ -104,20 +126,39 @@ class Recipe:
 
 
 def build_dataclass(cls, value, where: str, source: str):
-    """Build dataclass ``cls`` from a mapping, checking every key and type; ``where`` is the dotted key path."""
+    """Build dataclass ``cls`` from a mapping, checking every key, type and bound; ``where`` is the dotted key path.
+
+    A dataclass with a ``validate(where, source)`` method checks itself after that (what a type cannot say).
+    """
     hints = typing.get_type_hints(cls)
     if not isinstance(value, dict):
         raise DetkdError(f"{source}: '{where}' must be a mapping, got {type(value).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in value:
-        if key not in names:
-            expected = ", ".join(sorted(names))
+        if key not in fields:
+            expected = ", ".join(sorted(fields))
             raise DetkdError(f"{source}: unknown key '{_join(where, key)}' (expected one of: {expected})")
-    return cls(**{k: _coerce(hints[k], v, _join(where, k), source) for k, v in value.items()})
+    kwargs = {}
+    for key, raw in value.items():
+        kwargs[key] = _coerce(hints[key], raw, _join(where, key), source)
+        _check_bounds(fields[key].metadata, kwargs[key], _join(where, key), source)
+    built = cls(**kwargs)
+    if hasattr(built, "validate"):
+        built.validate(where, source)
+    return built
 
 
 def _join(where: str, key) -> str:
     return f"{where}.{key}" if where else str(key)
+
+
+def _check_bounds(bounds: typing.Mapping, value, where: str, source: str) -> None:
+    if value is None:
+        return
+    if "minimum" in bounds and value < bounds["minimum"]:
+        raise DetkdError(f"{source}: '{where}' must be >= {bounds['minimum']:g}, got {value!r}")
+    if "exclusive_minimum" in bounds and value <= bounds["exclusive_minimum"]:
+        raise DetkdError(f"{source}: '{where}' must be > {bounds['exclusive_minimum']:g}, got {value!r}")
 
 
 def _coerce(hint, value, where: str, source: str):
@@ -144,6 +185,8 @@ def _coerce(hint, value, where: str, source: str):
             raise DetkdError(f"{source}: '{where}' must be a mapping, got {type(value).__name__}")
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise DetkdError(f"{source}: '{where}' must be a finite number, got {value!r}")
         return float(value)
     if hint is Any or isinstance(value, hint):
         return value
@@ -166,14 +209,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, mapping into mapping at every depth; anything else (lists included) is replaced."""
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
-_TOP_LEVEL = {f.name for f in dataclasses.fields(Recipe)}
+RECIPE_KEYS = frozenset(f.name for f in dataclasses.fields(Recipe))
 
 
 def builtin_names(folder: Path = CONFIGS_DIR) -> list[str]:
@@ -200,26 +244,66 @@ def config_file(name_or_path: str | os.PathLike, folder: Path = CONFIGS_DIR, kin
     return path
 
 
-def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Recipe:
-    """Load a recipe file, or a built-in recipe by name (``recommended``), or the defaults; apply overrides.
-
-    Overrides name recipe keys (``teacher=t.pt``, ``distill.logit.weight=2``); any other top-level key is an
-    Ultralytics training key (``epochs=3`` → ``train.epochs``).
-    """
-    source, raw = "recipe", {}
-    if path:
-        path = config_file(path)
-        source = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise DetkdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-        if not isinstance(raw, dict):
-            raise DetkdError(f"{path}: a recipe must be a mapping of keys")
+def recipe_overrides(overrides: list[str] | dict | None) -> dict[str, Any]:
+    """Overrides as recipe keys: ``key=value`` strings parsed, and every key that is not a recipe key (``epochs``,
+    ``device`` ...) moved under ``train``, as an Ultralytics training key."""
     extra = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    for key in [k for k in extra if k not in _TOP_LEVEL]:
-        extra.setdefault("train", {})[key] = extra.pop(key)
-    return build_dataclass(Recipe, _merge(raw, extra), "", source)
+    ultralytics_keys = {k: extra.pop(k) for k in [k for k in extra if k not in RECIPE_KEYS]}
+    return merge(extra, {"train": ultralytics_keys}) if ultralytics_keys else extra
+
+
+def load_recipe(recipe: Recipe | str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Recipe:
+    """A recipe (a file, a :class:`Recipe`, or the defaults for ``None``) with ``overrides`` applied, checked.
+
+    One rule for every source: overrides merge deeply (``distill={"logit": {"weight": 2}}`` changes that weight
+    and keeps the rest of ``distill``); lists, such as ``distill.feature``, are replaced whole. Overrides name
+    recipe keys (``teacher=t.pt``, ``distill.logit.weight=2``); any other top-level key is an Ultralytics training
+    key (``epochs=3`` → ``train.epochs``).
+    """
+    if isinstance(recipe, Recipe):
+        source, raw = "recipe", recipe.to_dict()
+    elif recipe:
+        path = config_file(recipe)
+        source, raw = str(path), _read_recipe_file(path)
+    else:
+        source, raw = "recipe", {}
+    loaded = build_dataclass(Recipe, merge(raw, recipe_overrides(overrides)), "", source)
+    check_training_keys(loaded.train, source, "train.")
+    return loaded
+
+
+def _read_recipe_file(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DetkdError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise DetkdError(f"{path}: a recipe must be a mapping of keys")
+    return raw
+
+
+# training keys that the recipe sets in its own words
+_SET_BY_THE_RECIPE = {"data": "the recipe's 'data'", "model": "the recipe's 'student'", "resume": "resume=RUN_DIR"}
+
+
+def check_training_keys(keys: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Ultralytics training keys, checked as Ultralytics checks them when training starts (names, with its
+    suggestions for a misspelt one; types and ranges), so that a typo ends in one line before any model is built.
+
+    Ultralytics' check logs its whole command-line help before raising; that is held back here (the line says it).
+    """
+    reserved = next((k for k in keys if k in _SET_BY_THE_RECIPE), None)
+    if reserved:
+        raise DetkdError(f"{source}: '{prefix}{reserved}' is set by {_SET_BY_THE_RECIPE[reserved]}")
+    from detkd.runtime import quiet_ultralytics
+
+    with quiet_ultralytics():  # deprecation warnings still show
+        from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
+
+        try:
+            get_cfg(DEFAULT_CFG_DICT, dict(keys))
+        except (SyntaxError, TypeError, ValueError) as e:
+            raise DetkdError(f"{source}: {' '.join(str(e).split())}") from None
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> Path:

@@ -324,7 +324,8 @@ def measure_recipe(
     from ultralytics.data.utils import check_det_dataset
     from ultralytics.nn.tasks import DetectionModel
 
-    from detkd.adapters.ultralytics import UltralyticsAdapter, load_teacher, load_ultralytics_model
+    from detkd.adapters.teachers import create_teacher
+    from detkd.adapters.ultralytics import UltralyticsAdapter, load_ultralytics_model
     from detkd.data import check_dataset
     from detkd.distiller import Distiller, class_pairs
     from detkd.engine.criterion import DistillationCriterion
@@ -338,7 +339,7 @@ def measure_recipe(
     data = check_det_dataset(str(recipe.data))
     names = dict(data["names"])
 
-    teacher = UltralyticsAdapter(load_teacher(recipe.teacher, dev))
+    teacher = create_teacher(recipe.teacher, dev)
     if Path(recipe.student).suffix in {".yaml", ".yml"}:
         torch.manual_seed(0)
         student = DetectionModel(recipe.student, nc=len(names), verbose=False)
@@ -376,15 +377,7 @@ def measure_recipe(
         m["classes"] = {"error": str(e), "paired": [], "unpaired": list(names.values())}
 
     try:
-        distiller = Distiller(
-            recipe.distill,
-            student_view.channels,
-            student_view.strides,
-            names,
-            teacher.channels,
-            teacher.strides,
-            teacher.names,
-        ).to(dev)
+        distiller = Distiller(recipe.distill, student_view, teacher, names).to(dev)
     except DetkdError as e:  # unpairable heads or classes: judged from the measurements above, nothing to weigh
         m["setup_error"] = str(e)
         return m

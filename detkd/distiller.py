@@ -9,15 +9,17 @@ student classes the teacher does not know get no logit target.
 from __future__ import annotations
 
 import math
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd import losses
-from detkd.adapters.view import DetectorView
+from detkd.adapters.view import DetectorAdapter, DetectorView
 from detkd.config import DistillConfig, FeatureLossConfig, ScheduleConfig
 from detkd.errors import DetkdError
+from detkd.losses.registry import FeatureLoss
 from detkd.utils import class_key
 
 
@@ -77,42 +79,79 @@ def _weighted_mean(per_anchor: Tensor, weights: Tensor) -> Tensor:
     return (per_anchor * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+class _LossInputs:
+    """The :data:`~detkd.losses.registry.INPUTS` of one forward pass, each computed once, when a loss first asks."""
+
+    def __init__(self, batch: dict, teacher: DetectorView):
+        self.batch, self.teacher = batch, teacher
+
+    def for_loss(self, entry: FeatureLoss, teacher_level: int) -> dict[str, object]:
+        if "teacher_scores" in entry.inputs and self.teacher.cls_logits is None:
+            raise DetkdError(f"recipe: the '{entry.name}' feature loss needs a teacher with dense class scores")
+        given = {name: getattr(self, name) for name in entry.inputs}
+        if "teacher_scores" in given:
+            given["teacher_scores"] = given["teacher_scores"][teacher_level]
+        return given
+
+    @cached_property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.batch["img"].shape[-2:])
+
+    @cached_property
+    def gt_boxes(self) -> list[Tensor]:
+        return gt_boxes_per_image(self.batch, self.batch["img"].shape[0], self.image_size)
+
+    @cached_property
+    def teacher_scores(self) -> list[Tensor]:
+        """Teacher's max class probability per location, split by level: (N, 1, H·W) each (Ultralytics' weights)."""
+        t = self.teacher
+        scores = t.cls_logits.detach().float().sigmoid().max(-1).values.unsqueeze(1)
+        return list(scores.split(t.level_sizes(), dim=-1))
+
+
 class Distiller(nn.Module):
-    """Learned parts (connectors, MGD generators, FGD context blocks) and the loss computation."""
+    """Learned parts (connectors, MGD generators, FGD context blocks) and the loss computation.
+
+    Built from a recipe's ``distill`` section and the two adapters (their levels, channels and classes); the
+    adapters themselves are not kept, so the teacher never enters this module's parameters. ``student_names``
+    defaults to the student model's classes (a trainer passes the data set's).
+    """
 
     def __init__(
         self,
         cfg: DistillConfig,
-        student_channels: list[int],
-        student_strides: list[int],
-        student_names: dict[int, str],
-        teacher_channels: list[int],
-        teacher_strides: list[int],
-        teacher_names: dict[int, str],
+        student: DetectorAdapter,
+        teacher: DetectorAdapter,
+        student_names: dict[int, str] | None = None,
     ):
         super().__init__()
         self.cfg = cfg
+        s_strides, t_strides = list(student.strides), list(teacher.strides)
         # student level -> teacher level with the same stride
-        self.level_pairs = {i: teacher_strides.index(s) for i, s in enumerate(student_strides) if s in teacher_strides}
+        self.level_pairs = {i: t_strides.index(s) for i, s in enumerate(s_strides) if s in t_strides}
         self.feature_parts = nn.ModuleList()
         for f in cfg.feature:
+            if f.loss not in losses.FEATURE_LOSSES:
+                known = ", ".join(sorted(losses.FEATURE_LOSSES))
+                raise DetkdError(f"recipe: unknown feature loss {f.loss!r} (known: {known})")
             parts = nn.ModuleDict()
             for level in f.levels:
                 if level not in self.level_pairs:
                     raise DetkdError(
-                        f"recipe: feature level {level} of the student (strides {student_strides}) has no teacher "
-                        f"level with the same stride (teacher strides {teacher_strides})"
+                        f"recipe: feature level {level} of the student (strides {s_strides}) has no teacher "
+                        f"level with the same stride (teacher strides {t_strides})"
                     )
-                c_s, c_t = student_channels[level], teacher_channels[self.level_pairs[level]]
+                c_s, c_t = student.channels[level], teacher.channels[self.level_pairs[level]]
                 parts[str(level)] = self._feature_module(f, c_s, c_t)
             self.feature_parts.append(parts)
         dense = cfg.logit.weight > 0 or cfg.box.weight > 0
-        if dense and list(student_strides) != list(teacher_strides):
+        if dense and s_strides != t_strides:
             raise DetkdError(
                 f"recipe: logit/box distillation pairs anchors, which needs equal head strides "
-                f"(student {student_strides}, teacher {teacher_strides}); use feature losses only"
+                f"(student {s_strides}, teacher {t_strides}); use feature losses only"
             )
-        s_idx, t_idx = class_pairs(student_names, teacher_names, cfg.class_map)
+        names = student.names if student_names is None else student_names
+        s_idx, t_idx = class_pairs(names, teacher.names, cfg.class_map)
         if cfg.logit.weight > 0 and not s_idx:
             raise DetkdError("recipe: logit distillation needs classes that teacher and student share (none match)")
         self.register_buffer("student_classes", torch.tensor(s_idx, dtype=torch.long), persistent=False)
@@ -120,12 +159,12 @@ class Distiller(nn.Module):
 
     @staticmethod
     def _feature_module(f: FeatureLossConfig, c_s: int, c_t: int) -> nn.Module:
-        if f.loss == "mgd":
-            return losses.MGDLoss(c_s, c_t, **f.params)
-        if f.loss == "fgd":
-            return losses.FGDLoss(c_s, c_t, **f.params)
-        if f.loss == "pkd" and c_s == c_t:
-            return nn.Identity()  # PKD normalises both sides: equal channels need no connector
+        """The loss's own module (it aligns channels itself), else the connector to the teacher's channels."""
+        entry = losses.FEATURE_LOSSES[f.loss]
+        if entry.learned:
+            return entry.definition(c_s, c_t, **f.params)
+        if c_s == c_t and not entry.connector_at_equal_channels:
+            return nn.Identity()
         return build_connector(f.connector, c_s, c_t)
 
     @property
@@ -146,30 +185,20 @@ class Distiller(nn.Module):
         """Weighted distillation terms (unscaled by the schedule), keyed by :attr:`term_names`."""
         terms = {}
         names = iter(self.term_names)
-        image_size = tuple(batch["img"].shape[-2:])
-        teacher_scores = None
+        inputs = _LossInputs(batch, t)
         for f, parts in zip(self.cfg.feature, self.feature_parts):
+            entry = losses.FEATURE_LOSSES[f.loss]
             total = 0.0
             for level, part in parts.items():
                 level = int(level)
-                s_feat, t_feat = s.feats[level].float(), t.feats[self.level_pairs[level]].float().detach()
-                if f.loss == "mgd":
-                    total = total + part(self._resize(s_feat, t_feat), t_feat)
-                elif f.loss == "fgd":
-                    gt = gt_boxes_per_image(batch, s_feat.shape[0], image_size)
-                    total = total + sum(part(self._resize(s_feat, t_feat), t_feat, gt, image_size).values())
+                t_level = self.level_pairs[level]
+                s_feat, t_feat = s.feats[level].float(), t.feats[t_level].float().detach()
+                given = inputs.for_loss(entry, t_level)
+                if entry.learned:  # aligns the student itself, at the teacher's grid
+                    value = part(self._resize(s_feat, t_feat), t_feat, **given)
                 else:
-                    s_map = self._resize(part(s_feat), t_feat)
-                    if f.loss == "sl2":
-                        if teacher_scores is None:
-                            teacher_scores = self._teacher_level_scores(t)
-                        total = total + losses.score_weighted_l2(s_map, t_feat, teacher_scores[level])
-                    elif f.loss == "pkd":
-                        total = total + losses.pkd(s_map, t_feat)
-                    elif f.loss == "cwd":
-                        total = total + losses.cwd(s_map, t_feat, **f.params)
-                    else:
-                        total = total + losses.fitnet(s_map, t_feat)
+                    value = entry.definition(self._resize(part(s_feat), t_feat), t_feat, **given, **f.params)
+                total = total + (sum(value.values()) if isinstance(value, dict) else value)
             terms[next(names)] = f.weight * total
         if self.cfg.logit.weight > 0 or self.cfg.box.weight > 0:
             t_cls = t.cls_logits.float().detach()[..., self.teacher_classes]
@@ -201,13 +230,6 @@ class Distiller(nn.Module):
         if s_map.shape[-2:] != t_feat.shape[-2:]:
             s_map = F.interpolate(s_map, size=t_feat.shape[-2:], mode="bilinear", align_corners=False)
         return s_map
-
-    def _teacher_level_scores(self, t: DetectorView) -> list[Tensor]:
-        """Teacher's max class probability per location, split by level: (N, 1, H·W) each (Ultralytics' weights)."""
-        if t.cls_logits is None:
-            raise DetkdError("recipe: the 'sl2' feature loss needs a teacher with dense class scores")
-        scores = t.cls_logits.detach().float().sigmoid().max(-1).values.unsqueeze(1)
-        return list(scores.split(t.level_sizes(), dim=-1))
 
     @staticmethod
     def _location_weights(locations: str, t_cls: Tensor, fg_mask: Tensor | None) -> Tensor:

@@ -143,3 +143,22 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     from detkd.data.synth import CLASSES
 
     return save_model_checkpoint("yolov8s.yaml", dict(enumerate(CLASSES)), tmp_path_factory.mktemp("t") / "t.pt")
+
+
+# loss fixtures
+
+
+@pytest.fixture(scope="session")
+def toy_feature_loss() -> str:
+    """A feature loss added the way a contributor adds one: a function and its registration, nothing else.
+
+    'toy' = scale · mean |S − T|; unregistered at the end of the session. Returns its recipe name.
+    """
+    from detkd.losses.registry import FEATURE_LOSSES, register_feature_loss
+
+    @register_feature_loss("toy")
+    def toy(student, teacher, scale: float = 1.0):
+        return scale * (student - teacher.detach()).abs().mean()
+
+    yield "toy"
+    del FEATURE_LOSSES["toy"]

@@ -1,9 +1,12 @@
 """The Ultralytics adapter reads the same numbers Ultralytics' own head decodes, for every YOLO family."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from detkd.adapters.ultralytics import UltralyticsAdapter
+from detkd.adapters import UltralyticsAdapter, create_teacher
+from detkd.errors import DetkdError
 from detkd.runtime import ultralytics_offline
 
 ultralytics_offline()
@@ -55,3 +58,32 @@ def test_decoded_boxes_and_scores_equal_ultralytics_inference(model):
     boxes = boxes if end2end else xyxy2xywh(boxes)
     torch.testing.assert_close(boxes, expected[:, :4].transpose(1, 2), atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(view.cls_logits.sigmoid(), expected[:, 4:].transpose(1, 2))
+
+
+class _RunsWhenLoaded:
+    """Unpickling this touches ``marker``: a stand-in for a checkpoint that runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_teacher_factory_recognises_the_checkpoint_kind(teacher_checkpoint, tmp_path):
+    from detkd.data.synth import CLASSES
+
+    teacher = create_teacher(teacher_checkpoint)
+    assert isinstance(teacher, UltralyticsAdapter) and teacher.names == dict(enumerate(CLASSES))
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+
+    torch.save({"backbone.conv.weight": torch.zeros(1)}, tmp_path / "state_dict.pt")  # e.g. a torchvision one
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    marker = tmp_path / "ran"
+    torch.save({"model": _RunsWhenLoaded(marker)}, tmp_path / "foreign.pt")
+    for name in ("state_dict.pt", "notes.pt", "foreign.pt"):
+        with pytest.raises(DetkdError, match=rf"{name}: not a teacher checkpoint of a kind detkd knows"):
+            create_teacher(tmp_path / name)
+    assert not marker.exists()  # recognising a kind runs nothing in the file
+    with pytest.raises(DetkdError, match="missing.pt: teacher checkpoint not found"):
+        create_teacher(tmp_path / "missing.pt")

@@ -1,5 +1,11 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+import detkd
 from detkd.config import CONFIGS_DIR, builtin_names, load_recipe, parse_overrides
 from detkd.errors import DetkdError
 
@@ -53,6 +59,28 @@ def test_overrides_parse_yaml_values_and_nest():
         ("teachr: t.pt\n", "unknown key 'teachr'"),
         ("- a\n- b\n", "a recipe must be a mapping"),
         ("distill: [\n", "not valid YAML"),
+        # params: the loss's own keyword parameters, of their types
+        (
+            "distill:\n  feature:\n    - loss: cwd\n      params: {tua: 2}\n",
+            "'distill.feature[0].params.tua' is not a parameter of cwd (parameters: tau)",
+        ),
+        (
+            "distill:\n  feature:\n    - loss: fitnet\n      params: {tau: 2}\n",
+            "'distill.feature[0].params.tau' is not a parameter of fitnet (parameters: none)",
+        ),
+        (
+            "distill:\n  feature:\n    - loss: mgd\n      params: {lambda_mask: high}\n",
+            "'distill.feature[0].params.lambda_mask' must be float, got 'high'",
+        ),
+        # weights and temperatures: finite, not negative (not zero for a temperature)
+        ("distill:\n  logit: {weight: -1}\n", "'distill.logit.weight' must be >= 0, got -1.0"),
+        ("distill:\n  box: {weight: .nan}\n", "'distill.box.weight' must be a finite number, got nan"),
+        ("distill:\n  feature: {loss: pkd, weight: .inf}\n", "'distill.feature[0].weight' must be a finite number"),
+        ("distill:\n  logit: {temperature: 0}\n", "'distill.logit.temperature' must be > 0, got 0.0"),
+        # Ultralytics training keys: its own check and message
+        ("train:\n  epochz: 3\n", "'epochz' is not a valid YOLO argument. Similar arguments are i.e. ['epochs=100']"),
+        ("train:\n  epochs: many\n", "'epochs=many' is of invalid type str. 'epochs' must be an int"),
+        ("train:\n  data: d.yaml\n", "'train.data' is set by the recipe's 'data'"),
     ],
 )
 def test_bad_recipes_name_the_file_and_key(tmp_path, text, message):
@@ -68,3 +96,50 @@ def test_a_single_feature_loss_may_be_a_mapping(tmp_path):
     path.write_text("distill:\n  feature: {loss: pkd, weight: 6}\n")
     feature = load_recipe(path).distill.feature
     assert len(feature) == 1 and feature[0].loss == "pkd" and feature[0].weight == 6.0
+
+
+def test_command_line_overrides_are_checked_like_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("student: yolov8n.yaml\n")
+    with pytest.raises(DetkdError, match=r"r\.yaml: 'distill\.logit\.weight' must be >= 0, got -1\.0"):
+        load_recipe(path, ["distill.logit.weight=-1"])
+    with pytest.raises(DetkdError, match=r"r\.yaml: 'epochz' is not a valid YOLO argument"):
+        load_recipe(path, ["epochz=3"])
+
+
+def test_overrides_merge_deeply_whatever_the_recipe_is(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "distill:\n  feature: [{loss: cwd}, {loss: pkd}]\n  logit: {weight: 2.0, temperature: 2.0}\n"
+        "  box: {weight: 8.0}\ntrain: {epochs: 30, imgsz: 640}\n"
+    )
+    overrides = {"distill": {"logit": {"weight": 0.5}, "feature": [{"loss": "fitnet"}]}, "epochs": 3}
+    from_path = load_recipe(path, overrides)
+    assert from_path == load_recipe(load_recipe(path), overrides)  # a Recipe object merges by the same rule
+    assert (from_path.distill.logit.weight, from_path.distill.logit.temperature) == (0.5, 2.0)
+    assert from_path.distill.box.weight == 8.0 and from_path.train == {"epochs": 3, "imgsz": 640}
+    assert [f.loss for f in from_path.distill.feature] == ["fitnet"]  # a list is replaced whole
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["RECIPE", "epochz=3"], "'epochz' is not a valid YOLO argument. Similar arguments are i.e. ['epochs=100']"),
+        (["RECIPE", "distill.logit.weight=.nan"], "'distill.logit.weight' must be a finite number, got nan"),
+        (
+            ["resume=RUN", "teacher=t.pt", "epochs=3"],
+            "a resumed run keeps its saved recipe (distill.yaml); given: teacher",
+        ),
+    ],
+)
+def test_cli_train_refuses_bad_keys_in_one_line(tmp_path, args, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("student: yolov8n.yaml\ntrain: {epochs: 1}\n")
+    args = [a.replace("RECIPE", str(recipe)).replace("RUN", str(tmp_path)) for a in args]
+    env = {**os.environ, "PYTHONPATH": str(Path(detkd.__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "detkd.cli", "train", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("detkd: error: ")
+    assert message in proc.stderr

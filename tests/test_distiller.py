@@ -1,10 +1,13 @@
 """The distiller pairs levels, anchors and classes correctly, and its terms behave as their definitions say."""
 
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from detkd import losses
 from detkd.adapters.ultralytics import UltralyticsAdapter
 from detkd.config import BoxLossConfig, DistillConfig, FeatureLossConfig, LogitLossConfig, ScheduleConfig
 from detkd.distiller import Distiller, class_pairs, gt_boxes_per_image, schedule_factor
@@ -25,12 +28,6 @@ def _model(cfg: str, names: dict[int, str], seed: int = 0) -> DetectionModel:
     m = DetectionModel(cfg, nc=len(names), verbose=False)
     m.names = dict(names)
     return m
-
-
-def _distiller(cfg: DistillConfig, student: UltralyticsAdapter, teacher: UltralyticsAdapter) -> Distiller:
-    return Distiller(
-        cfg, student.channels, student.strides, student.names, teacher.channels, teacher.strides, teacher.names
-    )
 
 
 def _batch(n=2, size=64):
@@ -84,7 +81,7 @@ def test_teacher_equal_to_student_gives_zero_imitation_and_stationary_logit_term
         logit=LogitLossConfig(weight=1.0, locations="all"),
         box=BoxLossConfig(weight=1.0, locations="all"),
     )
-    distiller = _distiller(cfg, adapter, adapter)
+    distiller = Distiller(cfg, adapter, adapter)
     with torch.no_grad():
         view = adapter.view(model(_batch()["img"]))
     assert distiller.term_names == ["kd_cwd", "kd_pkd", "kd_cls", "kd_box"]
@@ -113,7 +110,7 @@ def test_gradients_reach_student_and_connectors_only():
         logit=LogitLossConfig(weight=1.0),
         box=BoxLossConfig(weight=1.0),
     )
-    distiller = _distiller(cfg, s, t)
+    distiller = Distiller(cfg, s, t)
     batch = _batch()
     student.train()
     terms = distiller(s.view(student(batch["img"])), t(batch["img"]), batch)
@@ -127,7 +124,7 @@ def test_gradients_reach_student_and_connectors_only():
 def test_decoded_box_distillation_for_heads_without_distributions():
     student, teacher = _model("yolo26n.yaml", SYNTH), _model("yolov8s.yaml", COCO_NAMES).eval()
     s, t = UltralyticsAdapter(student), UltralyticsAdapter(teacher)
-    distiller = _distiller(DistillConfig(box=BoxLossConfig(weight=1.0, locations="all")), s, t)
+    distiller = Distiller(DistillConfig(box=BoxLossConfig(weight=1.0, locations="all")), s, t)
     batch = _batch()
     view_s = s.view(student.train()(batch["img"]))
     assert view_s.box_logits is None
@@ -138,13 +135,34 @@ def test_decoded_box_distillation_for_heads_without_distributions():
 def test_mismatched_strides_refuse_dense_terms():
     student = _model("yolov8n.yaml", SYNTH)
     s = UltralyticsAdapter(student)
+    p2_teacher = SimpleNamespace(channels=[64, 128, 256, 512], strides=[4, 8, 16, 32], names=COCO_NAMES)
     with pytest.raises(DetkdError, match="equal head strides"):
-        Distiller(
-            DistillConfig(logit=LogitLossConfig(weight=1.0)),
-            s.channels,
-            s.strides,
-            s.names,
-            [64, 128, 256, 512],
-            [4, 8, 16, 32],
-            COCO_NAMES,
-        )
+        Distiller(DistillConfig(logit=LogitLossConfig(weight=1.0)), s, p2_teacher)
+
+
+def test_positives_weigh_only_the_anchors_the_student_assigner_chose():
+    student, teacher = _model("yolov8n.yaml", SYNTH), _model("yolov8s.yaml", SYNTH, seed=1).eval()
+    s, t = UltralyticsAdapter(student), UltralyticsAdapter(teacher)
+    cfg = DistillConfig(
+        logit=LogitLossConfig(weight=1.0, locations="positives"), box=BoxLossConfig(weight=1.0, locations="positives")
+    )
+    distiller = Distiller(cfg, s, t)
+    batch = _batch()
+    view_t = t(batch["img"])
+    view_s = s.view(student.train()(batch["img"]))
+    cls = view_s.cls_logits.detach().requires_grad_(True)
+    box = view_s.box_logits.detach().requires_grad_(True)
+    view_s = replace(view_s, cls_logits=cls, box_logits=box)
+    fg_mask = torch.zeros(cls.shape[:2], dtype=torch.bool)
+    fg_mask[0, [3, 70]] = True  # a P3 and a P4 anchor of the 84 at 64 px
+    fg_mask[1, 50] = True
+
+    terms = distiller(view_s, view_t, batch, fg_mask=fg_mask)
+    per_anchor = losses.kd_sigmoid(cls, view_t.cls_logits, reduction="none").sum(-1)
+    assert terms["kd_cls"].item() == pytest.approx(per_anchor[fg_mask].mean().item(), rel=1e-6)  # mean over 3
+    (terms["kd_cls"] + terms["kd_box"]).backward()
+    for grad in (cls.grad, box.grad):
+        assert grad[~fg_mask].abs().max() == 0  # anchors the assigner left out carry no weight
+        assert (grad[fg_mask].flatten(1).abs().amax(1) > 0).all()
+    with pytest.raises(DetkdError, match="'positives' needs the student's assigner"):
+        distiller(view_s, view_t, batch)

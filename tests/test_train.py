@@ -27,11 +27,12 @@ def _state_hash(model: torch.nn.Module) -> str:
 
 
 @pytest.fixture(scope="module")
-def distilled_run(synth_data, teacher_checkpoint, tmp_path_factory):
-    """One short run of the recommended recipe plus a feature term (every kind of term at once); records what the
-    trainer looked like while it trained."""
+def distilled_run(synth_data, teacher_checkpoint, tmp_path_factory, toy_feature_loss):
+    """One short run of the recommended recipe plus two feature terms, a shipped one and one registered by the
+    tests (every kind of term at once); records what the trainer looked like while it trained."""
     project = tmp_path_factory.mktemp("runs")
-    overrides = {"teacher": str(teacher_checkpoint), "data": str(synth_data), "distill": {"feature": [{"loss": "cwd"}]}}
+    features = [{"loss": "cwd"}, {"loss": toy_feature_loss, "params": {"scale": 2.0}}]
+    overrides = {"teacher": str(teacher_checkpoint), "data": str(synth_data), "distill": {"feature": features}}
     recipe = load_recipe("recommended", overrides)
     trainer = trainer_for(recipe)(
         overrides={"model": "yolov8n.yaml", "data": str(synth_data), "project": str(project), "name": "kd", **TRAIN}
@@ -59,7 +60,7 @@ def test_each_distillation_term_is_a_results_column(distilled_run):
     trainer, _ = distilled_run
     rows = list(csv.DictReader((Path(trainer.save_dir) / "results.csv").read_text().splitlines()))
     assert len(rows) == 2
-    for term in ("train/kd_cwd", "train/kd_cls", "train/kd_box"):
+    for term in ("train/kd_cwd", "train/kd_toy", "train/kd_cls", "train/kd_box"):
         assert float(rows[-1][term]) > 0, term  # computed and logged (epoch 1 starts at warm-up factor 0)
     assert "metrics/mAP50-95(B)" in rows[-1]  # Ultralytics' validation ran as usual
 
@@ -168,9 +169,11 @@ def test_killed_run_resumes_from_last_checkpoint(synth_data, teacher_checkpoint,
     saved = torch.load(run / "weights" / "distiller.pt")
     assert len(list(csv.DictReader((run / "results.csv").read_text().splitlines()))) == 1
 
-    best = resume(run)
+    # Ultralytics applies the keys it allows on resume (save_period) and ignores, with a warning, the others (epochs)
+    best = resume(run, save_period=1, epochs=5)
     rows = list(csv.DictReader((run / "results.csv").read_text().splitlines()))
     assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]  # continued, not restarted
+    assert sorted(p.name for p in (run / "weights").glob("epoch*.pt")) == ["epoch1.pt", "epoch2.pt"]
     assert best == run / "weights" / "best.pt" and best.is_file()
     assert saved.keys() == torch.load(run / "weights" / "distiller.pt").keys()
 
@@ -240,3 +243,28 @@ def test_broken_data_is_refused_with_the_report(synth_data, teacher_checkpoint, 
     with pytest.raises(DataError) as e:
         distill("recommended", teacher=str(teacher_checkpoint), data=str(broken / "data.yaml"), **TRAIN)
     assert label.name in e.value.report.format()
+
+
+def test_overrides_merge_deeply_into_a_recipe_object(synth_data, tmp_path):
+    """The API applies the recipe rule to objects too: changing one logit key keeps the box term."""
+    from detkd.engine import distill
+
+    recommended = load_recipe(Path(__file__).parents[1] / "configs" / "recommended.yaml")
+    nope = str(tmp_path / "nope.pt")
+    with pytest.raises(DetkdError, match="nope.pt: teacher checkpoint not found"):  # still distils: box weight 8
+        distill(recommended, teacher=nope, data=str(synth_data), distill={"logit": {"weight": 0.0}})
+    with pytest.raises(DetkdError, match="'distill' has no loss with a weight > 0"):
+        distill(recommended, teacher=nope, data=str(synth_data), distill={"logit": {"weight": 0}, "box": {"weight": 0}})
+
+
+def test_resume_keeps_the_saved_recipe(tmp_path):
+    from detkd.engine import distill, resume
+
+    with pytest.raises(DetkdError, match=r"keeps its saved recipe \(distill.yaml\); given: distill, teacher"):
+        distill(resume=str(tmp_path), teacher="t.pt", distill={"logit": {"weight": 1.0}}, epochs=3)
+    with pytest.raises(DetkdError, match=r"keeps its saved recipe; give no recipe \(r.yaml\)"):
+        distill("r.yaml", resume=str(tmp_path))
+    with pytest.raises(DetkdError, match="'epochz' is not a valid YOLO argument"):
+        resume(tmp_path, epochz=3)
+    with pytest.raises(DetkdError, match="give the run folder"):
+        distill(resume=True)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from detkd.adapters.ultralytics import UltralyticsAdapter, load_teacher
+from detkd.adapters import UltralyticsAdapter, create_teacher
 from detkd.config import load_recipe
 from detkd.distiller import Distiller
 from detkd.engine.criterion import DistillationCriterion
@@ -59,24 +59,20 @@ class Setup:
 
         torch.manual_seed(0)
         if args.teacher.endswith(".pt"):
-            teacher_model = load_teacher(args.teacher, args.device)
+            self.teacher = create_teacher(args.teacher, args.device)
         else:
             teacher_model = DetectionModel(args.teacher, nc=args.nc, verbose=False).eval().requires_grad_(False)
             teacher_model.names = {i: f"class{i}" for i in range(args.nc)}
-            teacher_model.to(args.device)
-        names = dict(teacher_model.names)  # the student learns the teacher's classes
+            self.teacher = UltralyticsAdapter(teacher_model.to(args.device))
+        names = self.teacher.names  # the student learns the teacher's classes
         self.nc = len(names)
         student = DetectionModel(args.student, nc=self.nc, verbose=False).to(args.device)
         student.names, student.args = names, get_cfg()
-        self.student, self.teacher = student, UltralyticsAdapter(teacher_model)
-        self.s_adapter = UltralyticsAdapter(student)
+        self.student, self.s_adapter = student, UltralyticsAdapter(student)
         recipe = load_recipe(args.recipe)
-        t = self.teacher
-        self.distiller = Distiller(
-            recipe.distill, self.s_adapter.channels, self.s_adapter.strides, names, t.channels, t.strides, t.names
-        ).to(args.device)
+        self.distiller = Distiller(recipe.distill, self.s_adapter, self.teacher).to(args.device)
         self.task = student.init_criterion()
-        self.criterion = DistillationCriterion(self.task, self.s_adapter, t, self.distiller)
+        self.criterion = DistillationCriterion(self.task, self.s_adapter, self.teacher, self.distiller)
         params = list(student.parameters()) + list(self.distiller.parameters())
         self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
         student.train()

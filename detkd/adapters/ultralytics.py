@@ -9,6 +9,8 @@ End-to-end heads (YOLO26) return ``one2many`` and ``one2one`` branches; the dens
 from __future__ import annotations
 
 import os
+import pickletools
+import zipfile
 from pathlib import Path
 
 import torch
@@ -117,3 +119,23 @@ def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu") ->
     except DetkdError as e:
         raise DetkdError(f"{path}: the teacher must be a detection model ({e})") from None
     return model.requires_grad_(False)
+
+
+def is_ultralytics_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``torch.save`` archive whose pickle refers to Ultralytics classes.
+
+    Read statically (the pickle's opcodes, with :mod:`pickletools`): nothing in the file runs, so a checkpoint of
+    another kind is recognised as such before any loader opens it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle_name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))  # torch.save's layout
+            ops = pickletools.genops(archive.read(pickle_name))
+            return any(isinstance(arg, str) and arg.startswith("ultralytics.") for _, arg, _ in ops)
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):  # not a zip, no pickle, a malformed pickle
+        return False
+
+
+def teacher_adapter(path: str | os.PathLike, device: torch.device | str = "cpu") -> UltralyticsAdapter:
+    """The frozen teacher of an Ultralytics checkpoint behind its adapter (:func:`detkd.adapters.create_teacher`)."""
+    return UltralyticsAdapter(load_teacher(path, device))

@@ -1,11 +1,12 @@
-"""The one view of a detector that distillation needs, whatever the detector is."""
+"""The one view of a detector that distillation needs, whatever the detector is, and the adapter that reads it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -38,3 +39,27 @@ class DetectorView:
 
     def level_sizes(self) -> list[int]:
         return [f.shape[-2] * f.shape[-1] for f in self.feats]
+
+
+class DetectorAdapter(Protocol):
+    """What the distiller and the criterion need of a detector, student or teacher (one adapter per family).
+
+    ``channels``, ``strides`` and ``names`` describe the feature levels and classes (the distiller builds its
+    connectors and class pairs from them); ``view`` reads a :class:`DetectorView` off the output of the model's
+    forward pass (a student's, with gradients); calling the adapter runs the frozen model on images (a teacher's).
+    """
+
+    model: nn.Module
+
+    @property
+    def channels(self) -> list[int]: ...
+
+    @property
+    def strides(self) -> list[int]: ...
+
+    @property
+    def names(self) -> dict[int, str]: ...
+
+    def view(self, preds) -> DetectorView: ...
+
+    def __call__(self, images: Tensor) -> DetectorView: ...

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from detkd.adapters.ultralytics import UltralyticsAdapter, load_teacher
+from detkd.adapters import DetectorAdapter, UltralyticsAdapter, create_teacher
 from detkd.config import Recipe, save_recipe
 from detkd.distiller import Distiller, schedule_factor
 from detkd.engine.criterion import DistillationCriterion
@@ -47,7 +47,7 @@ class DetkdTrainer(DetectionTrainer):
     """``DetectionTrainer`` + weight transfer + teacher and distiller. Bind a recipe with :func:`trainer_for`."""
 
     recipe: Recipe
-    teacher: UltralyticsAdapter | None = None
+    teacher: DetectorAdapter | None = None
     distiller: Distiller | None = None
     criterion: DistillationCriterion | None = None
     transferred: frozenset[str] = frozenset()  # student parameter names that came from the init source
@@ -94,7 +94,7 @@ class DetkdTrainer(DetectionTrainer):
     # --- distillation ----------------------------------------------------------------------------------------
     def _setup_train(self):
         if self.recipe.teacher:
-            self.teacher = UltralyticsAdapter(load_teacher(self.recipe.teacher, self.device))
+            self.teacher = create_teacher(self.recipe.teacher, self.device)
         super()._setup_train()  # builds the optimizer through build_optimizer below
         save_recipe(self.recipe, Path(self.save_dir) / "distill.yaml")
         if self.transferred and self.recipe.init.freeze_epochs > self.start_epoch:
@@ -111,16 +111,8 @@ class DetkdTrainer(DetectionTrainer):
     def build_optimizer(self, model, *args, **kwargs):
         trainable = model
         if self.teacher is not None:
-            student = UltralyticsAdapter(model)
-            self.distiller = Distiller(
-                self.recipe.distill,
-                student.channels,
-                student.strides,
-                dict(self.data["names"]),
-                self.teacher.channels,
-                self.teacher.strides,
-                self.teacher.names,
-            ).to(self.device)
+            student, names = UltralyticsAdapter(model), dict(self.data["names"])
+            self.distiller = Distiller(self.recipe.distill, student, self.teacher, names).to(self.device)
             state = self.wdir / "distiller.pt"
             if self.args.resume and state.exists():
                 self.distiller.load_state_dict(torch.load(state, map_location=self.device))

@@ -1,15 +1,19 @@
 """Distillation losses for detectors: pure functions where there is nothing to learn, modules where there is.
 
 Feature imitation (``feature``): :func:`fitnet`, :func:`cwd`, :func:`pkd`, :func:`score_weighted_l2`,
-:class:`MGDLoss`, :class:`FGDLoss` (with :func:`fgd_masks`). Logits (``logit``): :func:`kd_sigmoid`. Boxes
-(``box``): :func:`ld`, :func:`box_distill`. Teacher inputs are always detached inside the losses.
+:class:`MGDLoss`, :class:`FGDLoss` (with :func:`fgd_masks`), each registered under its recipe name in
+:mod:`detkd.losses.registry` (:data:`FEATURE_LOSSES`; add one with :func:`register_feature_loss`). Logits
+(``logit``): :func:`kd_sigmoid`. Boxes (``box``): :func:`ld`, :func:`box_distill`. Teacher inputs are always
+detached inside the losses.
 """
 
 from detkd.losses.box import box_distill, ld
 from detkd.losses.feature import FGDLoss, GlobalContext, MGDLoss, cwd, fgd_masks, fitnet, pkd, score_weighted_l2
 from detkd.losses.logit import kd_sigmoid
+from detkd.losses.registry import FEATURE_LOSSES, register_feature_loss
 
 __all__ = [
+    "FEATURE_LOSSES",
     "FGDLoss",
     "GlobalContext",
     "MGDLoss",
@@ -20,5 +24,6 @@ __all__ = [
     "kd_sigmoid",
     "ld",
     "pkd",
+    "register_feature_loss",
     "score_weighted_l2",
 ]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detkd.losses._common import upcast
+from detkd.losses.registry import register_feature_loss
 
 
 def _check_same_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -21,6 +22,7 @@ def _check_same_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -
         raise ValueError(f"{name}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
 
 
+@register_feature_loss("fitnet")
 def fitnet(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """FitNet hint loss: MSE, mean over all elements.
 
@@ -31,6 +33,7 @@ def fitnet(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(upcast(student), upcast(teacher.detach()))
 
 
+@register_feature_loss("cwd")
 def cwd(student: torch.Tensor, teacher: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """Channel-wise distillation: per (n, c), KL between the softmax over H·W of teacher and student.
 
@@ -53,6 +56,7 @@ def _standardise_channels(x: torch.Tensor) -> torch.Tensor:
     return (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-6)
 
 
+@register_feature_loss("pkd", connector_at_equal_channels=False)
 def pkd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """PKD: MSE between per-channel standardised maps, halved; equals 1 − Pearson r up to (M−1)/M.
 
@@ -70,22 +74,25 @@ def pkd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(norm_s, norm_t) / 2
 
 
-def score_weighted_l2(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+@register_feature_loss("sl2")
+def score_weighted_l2(student: torch.Tensor, teacher: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
     """Ultralytics' built-in distillation loss: squared error weighted by the teacher's confidence per location.
 
-    Ultralytics 8.4, ``ultralytics/nn/distill_model.py::DistillationModel.loss_sl2``. ``weights`` (N, 1, H·W) or
-    (N, 1, H, W) is the teacher's max class probability per location (taken as a constant);
+    Ultralytics 8.4, ``ultralytics/nn/distill_model.py::DistillationModel.loss_sl2``. ``teacher_scores``
+    (N, 1, H·W) or (N, 1, H, W) is the teacher's max class probability per location (taken as a constant);
     L = Σ w·(S−T)² / (Σ w · C + 1e-9), so confident (object) locations dominate and the value is a per-channel mean.
     """
     _check_same_shape("score_weighted_l2", student, teacher)
     n, c = student.shape[:2]
-    w = upcast(weights.detach()).reshape(n, 1, -1)
+    w = upcast(teacher_scores.detach()).reshape(n, 1, -1)
     if w.shape[-1] != student[0, 0].numel():
-        raise ValueError(f"score_weighted_l2: weights {tuple(weights.shape)} do not match features {student.shape}")
+        shape = tuple(teacher_scores.shape)
+        raise ValueError(f"score_weighted_l2: teacher_scores {shape} do not match features {tuple(student.shape)}")
     sq = (upcast(student).reshape(n, c, -1) - upcast(teacher.detach()).reshape(n, c, -1)).pow(2)
     return (sq * w).sum() / (w.sum() * c + 1e-9)
 
 
+@register_feature_loss("mgd")
 class MGDLoss(nn.Module):
     """Masked generative distillation: regenerate the teacher map from a randomly masked student map.
 
@@ -201,6 +208,7 @@ class GlobalContext(nn.Module):
         return x + self.channel_add_conv(context)
 
 
+@register_feature_loss("fgd")
 class FGDLoss(nn.Module):
     """Focal and global distillation: attention-weighted imitation split by GT boxes, plus global relations.
 
