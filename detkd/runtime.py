@@ -89,8 +89,9 @@ def ultralytics_offline() -> None:
     uu.SETTINGS.update({"sync": False, **{k: False for k in _INTEGRATIONS}})
     _install_fonts(uu.USER_CONFIG_DIR)
 
-    # Ultralytics trains on min(8, cores - 1) threads: one thread on a 2-core machine.
-    threads = cpu_threads()
+    # Ultralytics trains on min(8, cores - 1) threads: one thread on a 2-core machine. OMP_NUM_THREADS (set above
+    # to every core unless given) wins, so runs side by side can share the cores (detkd benchmark --parallel).
+    threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
     tu.NUM_THREADS = threads
     _done = True

@@ -31,7 +31,7 @@ from detkd.evaluation import COCO_METRICS
 # profiles
 
 
-@pytest.mark.parametrize("name", ["quick", "cpu", "gpu"])
+@pytest.mark.parametrize("name", ["quick", "cpu", "gpu_full"])
 def test_builtin_profiles_load_with_a_baseline_and_every_kind(name):
     profile = load_profile(name)
     assert profile.name == name and profile.baseline == "alone"
@@ -115,7 +115,7 @@ def test_unknown_profile_lists_the_built_in_ones():
         load_profile("nope")
     assert str(e.value) == (
         "nope: neither a benchmark profile file nor a built-in benchmark profile (built-in benchmark profiles: "
-        "converged, cpu, gpu, quick, recipe_screen, scale_gap, transfer)"
+        "converged, cpu, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer)"
     )
 
 
@@ -254,9 +254,9 @@ def test_tiny_benchmark_runs_every_kind_of_method_reports_and_resumes(synth_data
     record = out / "runs" / "alone_s0" / "run.json"
     stamp = record.stat().st_mtime_ns
 
-    # resumed: the other two run, the finished one is kept; the report lists every method with its metrics
-    assert main(args) == 0
-    assert "3 runs, 2 to do" in capsys.readouterr().out and record.stat().st_mtime_ns == stamp
+    # resumed: the other two run, side by side, the finished one is kept; the report lists every method
+    assert main([*args, "--parallel", "2"]) == 0
+    assert "3 runs, 2 to do, 2 side by side" in capsys.readouterr().out and record.stat().st_mtime_ns == stamp
     report = json.loads((out / "results.json").read_text())
     assert report["failed"] == [] and report["baseline"] == "alone"
     assert [(m["method"], m["kind"], m["seeds"]) for m in report["methods"]] == [

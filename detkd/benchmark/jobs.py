@@ -209,15 +209,17 @@ def read_curve(results_csv: Path) -> dict[str, Any]:
     }
 
 
-def run_in_child(job: Job) -> int:
-    """Run ``job`` in a fresh process, its output in ``run_dir/bench.log``; a half-done run is started over."""
+def run_in_child(job: Job, threads: int | None = None) -> int:
+    """Run ``job`` in a fresh process, its output in ``run_dir/bench.log``; a half-done run is started over.
+    ``threads``: the CPU threads it may use (a share of the cores when runs go side by side)."""
     run_dir = Path(job.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # Ultralytics would append to an old results.csv
     run_dir.mkdir(parents=True)
     job_file = save_json(asdict(job), run_dir / "job.json")
+    env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(run_dir / "bench.log", "w") as output:
         command = [sys.executable, "-m", "detkd.benchmark", "run-one", str(job_file)]
-        return subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
 
 
 def log(message: str) -> None:

@@ -100,6 +100,9 @@ class Profile:
     budget: Budget = field(default_factory=Budget)
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[Method] = field(default_factory=list)
+    # Runs side by side (after the teacher): on a GPU machine whose CPU cores, not the GPU, bound small runs
+    # (augmentation); each run gets an equal share of the cores. 1 on small CPUs, where runs would only fight.
+    parallel: int = 1
 
     @property
     def baseline(self) -> str | None:

@@ -1,7 +1,9 @@
 """Run a benchmark profile: every method against the student alone, at one budget, over seeds (``detkd benchmark``).
 
-The runs go one at a time, each in its own process (:mod:`detkd.benchmark.jobs`); the report is rewritten after
-each (:mod:`detkd.benchmark.report`), and a cut benchmark resumes where it stopped.
+Each run is its own process (:mod:`detkd.benchmark.jobs`): the teacher first, then the students one at a time, or
+``parallel`` side by side, each with an equal share of the CPU cores (on a GPU machine, small runs are bound by the
+CPU's augmentation, not the GPU). The report is rewritten after each run (:mod:`detkd.benchmark.report`), and a cut
+benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import os
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from detkd.benchmark.jobs import Bench, log, run_in_child
+from detkd.benchmark.jobs import Bench, Job, log, run_in_child
 from detkd.benchmark.profiles import PROFILES_DIR, Profile, load_profile
 from detkd.benchmark.report import build_report, write_report
 from detkd.config import builtin_names
 from detkd.errors import DetkdError
+from detkd.runtime import cpu_threads
 
 
 def run_benchmark(
@@ -26,11 +30,13 @@ def run_benchmark(
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
     command: str = "",
+    parallel: int | None = None,
 ) -> dict:
     """Run the profile's (selected) methods and seeds that have not finished; rewrite the report after each run.
 
-    ``methods`` picks methods by name, ``seeds`` replaces every method's seeds. Returns the report; runs that
-    failed are listed in its ``failed`` entry (their logs in ``run_dir/bench.log``).
+    ``methods`` picks methods by name, ``seeds`` replaces every method's seeds, ``parallel`` the profile's number of
+    runs side by side. Returns the report; runs that failed are listed in its ``failed`` entry (their logs in
+    ``run_dir/bench.log``).
     """
     unknown = sorted(set(methods or []) - {m.name for m in profile.methods})
     if unknown:
@@ -43,15 +49,26 @@ def run_benchmark(
         if not methods or m.name in methods
         for seed in (seeds or m.seeds or profile.seeds)
     ]
-    todo = [j for j in [bench.teacher, *jobs] if j.finished() is None]
-    log(f"{profile.name}: {len(jobs)} runs, {len(todo)} to do, in {bench.out}")
-    start, failed = time.time(), []
-    for i, job in enumerate(todo, 1):
-        what = f"[bench {i}/{len(todo)}] " + ("teacher" if job is bench.teacher else f"{job.method} seed {job.seed}")
-        log(f"{what} ... ({(time.time() - start) / 60:.1f} min elapsed)")
+    todo = [j for j in jobs if j.finished() is None]
+    teacher_todo = bench.teacher.finished() is None
+    parallel = max(1, min(parallel or profile.parallel, len(todo) or 1))
+    side_by_side = f", {parallel} side by side" if parallel > 1 else ""
+    log(f"{profile.name}: {len(jobs)} runs, {len(todo) + teacher_todo} to do{side_by_side}, in {bench.out}")
+    start, failed, count = time.time(), [], len(todo) + teacher_todo
+    order = [bench.teacher] * teacher_todo + todo
+    labels = {
+        id(job): f"[bench {i}/{count}] " + ("teacher" if job is bench.teacher else f"{job.method} seed {job.seed}")
+        for i, job in enumerate(order, 1)
+    }
+    threads = max(1, cpu_threads() // parallel) if parallel > 1 else None
+
+    def run(job: Job) -> tuple[Job, int, float]:
+        log(f"{labels[id(job)]} ... ({(time.time() - start) / 60:.1f} min elapsed)")
         t = time.time()
-        code = run_in_child(job)
-        record = job.finished()
+        return job, run_in_child(job, None if job is bench.teacher else threads), t
+
+    def finished(job: Job, code: int, t: float) -> None:
+        record, what = job.finished(), labels[id(job)]
         if record is None and job is bench.teacher:
             raise DetkdError(f"{job.run_dir}: the teacher failed (exit {code}; see bench.log there)")
         if record is None:
@@ -60,6 +77,12 @@ def run_benchmark(
         else:
             log(f"{what}: AP {record['metrics']['AP']:.4f} in {(time.time() - t) / 60:.1f} min")
         write_report(build_report(bench, command, failed), bench.out)
+
+    if teacher_todo:  # every student needs it: it runs first, alone
+        finished(*run(bench.teacher))
+    with ThreadPoolExecutor(max_workers=parallel) as pool:  # its threads only wait on child processes
+        for future in as_completed([pool.submit(run, job) for job in todo]):
+            finished(*future.result())
     report = write_report(build_report(bench, command, failed), bench.out)
     log(f"done in {(time.time() - start) / 60:.1f} min: {bench.out / 'results.md'}")
     return report
@@ -74,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", metavar="NAME", help="run only these methods (the report keeps all)")
     p.add_argument(
         "--seeds", nargs="+", type=int, metavar="SEED", help="seeds for every method (replaces the profile's)"
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="student runs side by side, sharing the CPU cores (default: the profile's; 1 on small CPUs)",
     )
     return p
 
@@ -94,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DetkdError(f"{args.teacher}: teacher checkpoint not found")
             profile.teacher.checkpoint = str(Path(args.teacher).resolve())
         out = args.out or Path("runs") / "bench" / profile.name
-        report = run_benchmark(profile, out, args.methods, args.seeds, command=_command_line())
+        report = run_benchmark(profile, out, args.methods, args.seeds, _command_line(), args.parallel)
     except DetkdError as e:
         print(f"detkd: error: {e}", file=sys.stderr)
         return 2
