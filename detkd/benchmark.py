@@ -37,6 +37,7 @@ import yaml
 from detkd.config import Recipe, build_dataclass, load_recipe
 from detkd.errors import DetkdError
 from detkd.evaluation import COCO_METRICS, save_json
+from detkd.safe_load import TRUST_HELP, trust_checkpoints
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs" / "benchmarks"
 TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -355,7 +356,7 @@ def _digest(*parts: Any) -> str:
 def run_job(job: Job) -> dict:
     """Train (unless the job only evaluates), measure, evaluate with COCO; write ``run.json``. In the child."""
     from detkd.evaluation import evaluate_checkpoint
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     start = time.time()
@@ -529,13 +530,12 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
-    from detkd.runtime import cpu_threads, ultralytics_offline
+    from detkd.runtime import cpu_threads
+    from detkd.ultralytics_internals import cpu_name, ultralytics_offline
 
     ultralytics_offline()  # sets the torch threads that every run uses
-    from ultralytics.utils.torch_utils import get_cpu_info
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpus": cpu_threads(), "torch_threads": torch.get_num_threads(), "device": gpu or get_cpu_info()}
+    return {"cpus": cpu_threads(), "torch_threads": torch.get_num_threads(), "device": gpu or cpu_name()}
 
 
 def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) -> dict:
@@ -686,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", nargs="+", type=int, metavar="SEED", help="seeds for every method (replaces the profile's)"
     )
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     return p
 
 
@@ -705,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise DetkdError(f"{args.teacher}: teacher checkpoint not found")
             profile.teacher.checkpoint = str(Path(args.teacher).resolve())
         out = args.out or Path("runs") / "bench" / profile.name
-        report = run_benchmark(profile, out, args.methods, args.seeds, command=_command_line())
+        with trust_checkpoints(args.trust_checkpoint):  # its runs inherit it
+            report = run_benchmark(profile, out, args.methods, args.seeds, command=_command_line())
     except DetkdError as e:
         print(f"detkd: error: {e}", file=sys.stderr)
         return 2

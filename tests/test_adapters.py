@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detkd.adapters.ultralytics import UltralyticsAdapter
-from detkd.runtime import ultralytics_offline
+from detkd.ultralytics_internals import ultralytics_offline
 
 ultralytics_offline()
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402

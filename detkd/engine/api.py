@@ -33,18 +33,20 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
     from detkd.data import check_dataset
     from detkd.engine.trainer import trainer_for
     from detkd.evaluation import load_yolo_checkpoint
+    from detkd.safe_load import trust_checkpoints
 
     for role, path in (("teacher", recipe.teacher), ("init.source", recipe.init.source)):
         if path and not Path(path).is_file():
             raise DetkdError(f"{path}: {role} checkpoint not found (detkd never downloads weights)")
     check_dataset(recipe.data).raise_if_errors()
-    if Path(recipe.student).suffix in {".yaml", ".yml"}:
-        from ultralytics import YOLO
+    with trust_checkpoints(recipe.trust_checkpoints):
+        if Path(recipe.student).suffix in {".yaml", ".yml"}:
+            from ultralytics import YOLO
 
-        model = YOLO(recipe.student)
-    else:
-        model = load_yolo_checkpoint(recipe.student)
-    model.train(trainer=trainer_for(recipe), data=str(recipe.data), **recipe.train)
+            model = YOLO(recipe.student)
+        else:
+            model = load_yolo_checkpoint(recipe.student)
+        model.train(trainer=trainer_for(recipe), data=str(recipe.data), **recipe.train)
     return Path(model.trainer.best)
 
 
@@ -52,6 +54,7 @@ def resume(last: str | os.PathLike) -> Path:
     """Continue a killed run from its ``last.pt``, with the recipe and distiller state saved beside it."""
     from detkd.engine.trainer import trainer_for
     from detkd.evaluation import load_yolo_checkpoint
+    from detkd.safe_load import trust_checkpoints
 
     last = Path(last)
     if last.is_dir():  # the run folder
@@ -59,6 +62,8 @@ def resume(last: str | os.PathLike) -> Path:
     recipe_file = last.parent.parent / "distill.yaml"
     if not recipe_file.is_file():
         raise DetkdError(f"{recipe_file}: no distillation recipe beside {last} (not a detkd run, or not started)")
-    model = load_yolo_checkpoint(last)
-    model.train(trainer=trainer_for(load_recipe(recipe_file)), resume=str(last))
+    recipe = load_recipe(recipe_file)
+    with trust_checkpoints(recipe.trust_checkpoints):
+        model = load_yolo_checkpoint(last)
+        model.train(trainer=trainer_for(recipe), resume=str(last))
     return Path(model.trainer.best)
