@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from detkd.errors import DataError, DetkdError
+from detkd.safe_load import TRUST_HELP, trust_checkpoints
 
 
 def _synth(args) -> None:
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="recipe keys (teacher=, student=, data=, distill.logit.weight=) or any Ultralytics training key",
     )
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("diagnose", help="will distillation help this pair (a recipe), or why did it not (a run)")
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint to write (a plain Ultralytics checkpoint)")
     p.add_argument("--data", help="YOLO data yaml: the student's class names")
     p.add_argument("--kind", default="auto", choices=("auto", "classifier", "detector", "larger"))
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_transfer)
 
     # listed for --help; its own options are parsed by detkd.benchmark (see main below)
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split of a YOLO data yaml (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default=None, help="cpu, 0, 0,1 ... (default: Ultralytics' choice)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_eval)
     return parser
 
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return benchmark_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        with trust_checkpoints(getattr(args, "trust_checkpoint", False)):
+            return args.func(args) or 0
     except DataError as e:
         if e.report is not None:
             print(e.report.format(), file=sys.stderr)

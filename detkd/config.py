@@ -115,6 +115,8 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)  # Ultralytics training keys, passed through
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # load checkpoints that reference more than Ultralytics checkpoints hold (they can run code), see detkd.safe_load
+    trust_checkpoints: bool = False
 
     @property
     def distills(self) -> bool:
@@ -122,7 +124,12 @@ class Recipe:
         return bool(d.feature) or d.logit.weight > 0 or d.box.weight > 0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as plain data; ``trust_checkpoints`` only when set, so that recipes saved before the key
+        existed (benchmark runs, ``distill.yaml``) still compare equal."""
+        out = dataclasses.asdict(self)
+        if not self.trust_checkpoints:
+            del out["trust_checkpoints"]
+        return out
 
 
 def build_dataclass(cls, value, where: str, source: str):
@@ -295,7 +302,7 @@ def check_training_keys(keys: dict[str, Any], source: str, prefix: str = "") -> 
     reserved = next((k for k in keys if k in _SET_BY_THE_RECIPE), None)
     if reserved:
         raise DetkdError(f"{source}: '{prefix}{reserved}' is set by {_SET_BY_THE_RECIPE[reserved]}")
-    from detkd.runtime import quiet_ultralytics
+    from detkd.ultralytics_internals import quiet_ultralytics
 
     with quiet_ultralytics():  # deprecation warnings still show
         from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg

@@ -316,7 +316,7 @@ def measure_recipe(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Everything :func:`judge` needs, measured on the recipe's data and pair (a few minutes on a CPU)."""
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.cfg import get_cfg
@@ -458,7 +458,7 @@ def diagnose_recipe(
         recipe = load_recipe(recipe, overrides)
     else:
         subject = "recipe"
-    from detkd.runtime import quiet_ultralytics
+    from detkd.ultralytics_internals import quiet_ultralytics
 
     with quiet_ultralytics():
         m = measure_recipe(recipe, baseline=baseline, batches=batches, images=images, device=device)

@@ -118,7 +118,7 @@ def predict_ultralytics(
 
     ``conf``/``iou``/``max_det`` are Ultralytics' own validation settings, the ones mAP is reported with.
     """
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics import YOLO
@@ -151,8 +151,10 @@ def _to_coco_results(image_id: int, boxes, mapping: Mapping[int, int]) -> Iterab
 
 
 def load_yolo_checkpoint(path: str | os.PathLike):
-    """``YOLO(path)`` for a local checkpoint, with one-line errors instead of a download attempt or a traceback."""
-    from detkd.runtime import ultralytics_offline
+    """``YOLO(path)`` for a local checkpoint, with one-line errors instead of a download attempt or a traceback.
+
+    Loading is restricted to what Ultralytics checkpoints hold (see :mod:`detkd.safe_load`)."""
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics import YOLO
@@ -164,6 +166,8 @@ def load_yolo_checkpoint(path: str | os.PathLike):
         raise DetkdError(f"{path}: checkpoint not found (detkd never downloads weights: give a local file)")
     try:
         return YOLO(str(path))
+    except DetkdError:  # refused by the safe loader, with its reason
+        raise
     except Exception as e:  # torch.load / unpickling / format errors: a foreign or damaged file
         first_line = next((line for line in str(e).splitlines() if line.strip()), "")
         raise DetkdError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {first_line})") from e

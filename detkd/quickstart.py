@@ -34,7 +34,7 @@ def quickstart(
     root: str | Path = "runs/quickstart", epochs: int | None = None, train: int | None = None, val: int | None = None
 ) -> dict[str, dict[str, float]]:
     """Run the main job in ``root``; ``epochs`` (every training) and ``train``/``val`` (scenes) shrink it."""
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics import YOLO

@@ -1,26 +1,17 @@
-"""Make Ultralytics offline, silent and multi-threaded before anything imports it.
+"""The process environment detkd runs in, set before anything imports Ultralytics.
 
 Ultralytics reads its switches from the environment once, at import: ``YOLO_OFFLINE`` (no DNS probe, telemetry
 or update checks), ``YOLO_AUTOINSTALL`` (no ``pip install`` behind the user's back) and ``YOLO_CONFIG_DIR``
 (where ``settings.json`` and fonts live). ``detkd/__init__.py`` calls :func:`set_environment` so that every import
-of detkd sets them first; :func:`ultralytics_offline` then patches what is left once Ultralytics is imported
-(the font download, the settings that enable hub sync and logger integrations, the 1-thread CPU default).
+of detkd sets them first; :func:`detkd.ultralytics_internals.ultralytics_offline` then patches what is left once
+Ultralytics is imported (the font download, the settings that enable hub sync and logger integrations, the
+1-thread CPU default, checkpoint loading).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import shutil
-import sys
 from pathlib import Path
-
-from detkd.utils import atomic_write
-
-# Integrations Ultralytics enables from settings.json; each may open connections of its own.
-_INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
-_FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
 
 
 def config_dir() -> Path:
@@ -49,63 +40,3 @@ def set_environment() -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir()))
     # Ultralytics sets OMP_NUM_THREADS=1 on import when unset; torch reads it once at start-up.
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads()))
-
-
-def _install_fonts(ultralytics_dir: Path) -> None:
-    """Put a font where ``check_font`` looks first, so plotting never tries to download Arial.
-
-    Matplotlib (an Ultralytics dependency) ships DejaVu Sans; it covers the glyphs Ultralytics draws.
-    """
-    from matplotlib import font_manager
-
-    source = Path(font_manager.findfont("DejaVu Sans", fallback_to_default=True))
-    for name in _FONTS:
-        target = ultralytics_dir / name
-        if not target.exists() and source.exists():
-            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
-
-
-_done = False
-
-
-def ultralytics_offline() -> None:
-    """Import Ultralytics with detkd's settings; idempotent. Call before any Ultralytics work."""
-    global _done
-    if _done:
-        return
-    already_imported = "ultralytics" in sys.modules
-    set_environment()
-    import torch
-    import ultralytics.utils as uu
-    import ultralytics.utils.checks as checks
-    import ultralytics.utils.torch_utils as tu
-
-    if already_imported:  # the user imported it first: the environment came too late, patch the constants
-        uu.ONLINE = checks.ONLINE = False
-        uu.AUTOINSTALL = checks.AUTOINSTALL = False
-        import ultralytics.utils.events as events
-
-        events.ONLINE = False
-    uu.SETTINGS.update({"sync": False, **{k: False for k in _INTEGRATIONS}})
-    _install_fonts(uu.USER_CONFIG_DIR)
-
-    # Ultralytics trains on min(8, cores - 1) threads: one thread on a 2-core machine. OMP_NUM_THREADS (set above
-    # to every core unless given) wins, so runs side by side can share the cores (detkd benchmark --parallel).
-    threads = int(os.environ["OMP_NUM_THREADS"])
-    torch.set_num_threads(threads)
-    tu.NUM_THREADS = threads
-    _done = True
-
-
-@contextlib.contextmanager
-def quiet_ultralytics():
-    """Ultralytics' info lines (model summaries, data-set scans) off inside the block, warnings kept: for commands
-    whose own report is the output (``detkd diagnose``), not a training log."""
-    ultralytics_offline()
-    logger = logging.getLogger("ultralytics")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

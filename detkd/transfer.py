@@ -11,7 +11,7 @@ Three kinds of source, each with its own explicit mapping rule (:func:`transfer_
     and shape match, box branch (``cv2``, ``one2one_cv2``) and DFL included. The class-prediction convs (the last
     conv of ``cv3`` / ``one2one_cv3``, ``nc`` outputs) are re-initialised unless both predict the same class names;
     the hidden class-branch layers are copied when they fit, re-initialised when their width, which ``Detect`` sizes
-    ``c3 = max(ch[0], min(nc, 100))``, changed with ``nc``.
+    from ``nc`` (:func:`~detkd.ultralytics_internals.class_branch_width`), changed with it.
 ``larger``
     A larger model of the same family (``yolov8s`` or ``yolov8m`` for ``yolov8n``): weight selection as in Xu et al.,
     "Initializing Models with Larger Ones", ICLR 2024 (https://arxiv.org/abs/2311.18823), see :func:`select_weight`;
@@ -29,15 +29,14 @@ import re
 from collections import Counter
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from detkd import ultralytics_internals as internals
 from detkd.adapters.ultralytics import load_ultralytics_model
 from detkd.errors import DetkdError
-from detkd.runtime import ultralytics_offline
 from detkd.utils import atomic_write, save_json
 
 KINDS = ("auto", "classifier", "detector", "larger")
@@ -206,19 +205,10 @@ class _Layout:
 
 def _channel_layout(modules: dict[str, nn.Module], conv: str, side: str) -> _Layout | None:
     """The group structure of the ``side`` ("in"/"out") channels of the Ultralytics ``Conv`` at path ``conv``."""
-    from ultralytics.nn.modules.block import Attention, C2f
-
     parent_path, _, child = conv.rpartition(".")
     parent = modules.get(parent_path)
-    if isinstance(parent, C2f) and (child, side) == ("cv2", "in"):
-        return _Layout(((parent.c,),) * (2 + len(parent.m)), first=True)
-    if isinstance(parent, Attention):
-        heads, kd, hd = parent.num_heads, parent.key_dim, parent.head_dim
-        if (child, side) == ("qkv", "out"):
-            return _Layout(((kd, kd, hd),) * heads, first=False)
-        if (child, side) in {("pe", "out"), ("proj", "in")}:  # the v channels, head by head
-            return _Layout(((hd,),) * heads, first=False)
-    return None
+    groups = internals.channel_groups(parent, child, side) if parent is not None else None
+    return _Layout(*groups) if groups else None
 
 
 def _tensor_layout(modules: dict[str, nn.Module], name: str, dim: int) -> _Layout | None:
@@ -271,7 +261,7 @@ def select_weight(
 
 def _label(model: nn.Module) -> str:
     """How messages name a model: its checkpoint path, else its config file, else its class."""
-    return getattr(model, "pt_path", None) or getattr(model, "yaml", {}).get("yaml_file") or type(model).__name__
+    return internals.model_source(model) or type(model).__name__
 
 
 def _layers(model: nn.Module) -> nn.Module:
@@ -300,8 +290,8 @@ def _family_error(source: nn.Module, student: nn.Module, at: int) -> DetkdError:
 
 
 def _head_signature(head: nn.Module) -> str:
-    end2end = getattr(head, "one2one_cv2", None) is not None
-    return f"{type(head).__name__}(reg_max={head.reg_max}{', end-to-end' if end2end else ''})"
+    end2end = ", end-to-end" if internals.is_end_to_end(head) else ""
+    return f"{type(head).__name__}(reg_max={head.reg_max}{end2end})"
 
 
 def _check_family(source: nn.Module, student: nn.Module, classifier: bool) -> int:
@@ -345,11 +335,7 @@ class _Plan:
             raise DetkdError(f"{_label(source)}: fused for inference (no BatchNorm); give the training checkpoint")
         self.mapped = _check_family(source, student, self.is_classifier)
         h = len(_layers(student)) - 1
-        branches = [
-            (f"model.{h}.{attr}.{i}.", seq)
-            for attr in ("cv3", "one2one_cv3")
-            for i, seq in enumerate(getattr(head, attr, None) or ())
-        ]
+        branches = [(f"model.{h}.{path}.", seq) for path, seq in internals.class_branches(head)]
         self.class_branch = tuple(prefix for prefix, _ in branches)
         self.class_convs = tuple(f"{prefix}{len(seq) - 1}." for prefix, seq in branches)
 
@@ -363,8 +349,8 @@ class _Plan:
         return None if src_names == dst_names else "class head (other class names)"
 
     def branch_width_reason(self) -> str | None:
-        """Why the hidden class-branch layers cannot be copied: Detect sizes them ``c3 = max(ch[0], min(nc, 100))``."""
-        src_c3, dst_c3 = (_layers(m)[-1].cv3[0][-1].in_channels for m in (self.source, self.student))
+        """Why the hidden class-branch layers cannot be copied: Detect sizes them from ``nc``."""
+        src_c3, dst_c3 = (internals.class_branch_width(_layers(m)[-1]) for m in (self.source, self.student))
         return None if src_c3 == dst_c3 else f"class branch width follows nc (c3 {src_c3} -> {dst_c3})"
 
     def in_class_branch(self, name: str) -> bool:
@@ -468,7 +454,7 @@ def transfer_weights(source: nn.Module, student: nn.Module, kind: str = "auto") 
     """
     if kind not in KINDS:
         raise DetkdError(f"{_label(source)}: unknown transfer kind '{kind}' (one of {', '.join(KINDS)})")
-    ultralytics_offline()
+    internals.ultralytics_offline()
     plan = _Plan(source, student)
     kind = plan.resolve_kind(kind)
     rows = []
@@ -534,25 +520,17 @@ def _build_student(student: str | os.PathLike, names: dict[int, str] | None, sou
         torch.manual_seed(seed)
         try:
             model = DetectionModel(deepcopy(cfg) if isinstance(cfg, dict) else str(cfg), nc=len(names), verbose=False)
-        except (FileNotFoundError, KeyError, ValueError) as e:
+        except (FileNotFoundError, KeyError, ValueError, TypeError) as e:  # TypeError: a config Ultralytics refuses
             raise DetkdError(f"{student}: cannot build a model from this config ({type(e).__name__}: {e})") from e
     model.names = names
     return model
 
 
 def _save_checkpoint(model: nn.Module, out: Path, report: TransferReport, data: str | os.PathLike | None) -> Path:
-    """An Ultralytics checkpoint as the trainer writes one (half precision), plus detkd's provenance."""
-    import ultralytics
-
+    """An Ultralytics checkpoint as the trainer writes one, plus detkd's provenance."""
     summary = {k: v for k, v in report.to_json().items() if k not in ("tensors", "unused_source_tensors")}
-    ckpt = {
-        "model": deepcopy(model).half(),
-        "epoch": -1,
-        "date": datetime.now().isoformat(),
-        "version": ultralytics.__version__,
-        "train_args": {"task": "detect", **({"data": str(data)} if data else {})},
-        "detkd_transfer": summary,
-    }
+    train_args = {"task": "detect", **({"data": str(data)} if data else {})}
+    ckpt = internals.checkpoint_dict(model, train_args, detkd_transfer=summary)
     return atomic_write(out, lambda tmp: torch.save(ckpt, tmp))
 
 

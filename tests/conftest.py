@@ -125,7 +125,7 @@ def save_model_checkpoint(cfg: str, names: dict[int, str], path: Path, seed: int
     """An untrained model from ``cfg`` saved the way Ultralytics saves one (loads with ``YOLO(path)``)."""
     import torch
 
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.nn.tasks import DetectionModel

@@ -7,7 +7,7 @@ import torch
 
 from detkd.adapters import UltralyticsAdapter, create_teacher
 from detkd.errors import DetkdError
-from detkd.runtime import ultralytics_offline
+from detkd.ultralytics_internals import ultralytics_offline
 
 ultralytics_offline()
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402

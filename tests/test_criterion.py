@@ -6,7 +6,7 @@ from detkd.adapters.ultralytics import UltralyticsAdapter, detect_head
 from detkd.config import DistillConfig, FeatureLossConfig
 from detkd.distiller import Distiller
 from detkd.engine.criterion import DistillationCriterion
-from detkd.runtime import ultralytics_offline
+from detkd.ultralytics_internals import ultralytics_offline
 
 ultralytics_offline()
 from ultralytics.cfg import get_cfg  # noqa: E402

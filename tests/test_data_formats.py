@@ -111,7 +111,7 @@ def test_load_yolo_accepts_path_key_txt_lists_and_names_dict(yolo_yaml, tmp_path
 
 
 def test_label_file_follows_ultralytics_rule():
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.data.utils import img2label_paths
@@ -129,7 +129,7 @@ def test_image_size_applies_exif_rotation(tmp_path):
 
 
 def test_write_yolo_set_is_accepted_by_ultralytics_and_can_move(coco_json, tmp_path):
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.data.utils import check_det_dataset
@@ -287,7 +287,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_bad_label_line_or_image_fails_loading_with_the_file_named(yolo_yaml):
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()  # Ultralytics patches PIL's Image.open: unknown files must still read as unreadable
     (yolo_yaml.parent / "labels/val/v1.txt").write_text("0 0.5 0.5 0.1 0.1\n7 0.5 0.5 0.1 0.1\n")

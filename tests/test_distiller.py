@@ -12,7 +12,7 @@ from detkd.adapters.ultralytics import UltralyticsAdapter
 from detkd.config import BoxLossConfig, DistillConfig, FeatureLossConfig, LogitLossConfig, ScheduleConfig
 from detkd.distiller import Distiller, class_pairs, gt_boxes_per_image, schedule_factor
 from detkd.errors import DetkdError
-from detkd.runtime import ultralytics_offline
+from detkd.ultralytics_internals import ultralytics_offline
 
 ultralytics_offline()
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402

@@ -29,7 +29,7 @@ PIPELINE = textwrap.dedent(
     try:
         from detkd.data.synth import SynthConfig, generate_synthetic
         from detkd.evaluation import evaluate_checkpoint
-        from detkd.runtime import ultralytics_offline
+        from detkd.ultralytics_internals import ultralytics_offline
 
         ultralytics_offline()
         import torch

@@ -9,7 +9,7 @@ from detkd.distiller import Distiller
 from detkd.errors import DetkdError
 from detkd.losses import FGDLoss, MGDLoss, score_weighted_l2
 from detkd.losses.registry import FEATURE_LOSSES, Param, register_feature_loss
-from detkd.runtime import ultralytics_offline
+from detkd.ultralytics_internals import ultralytics_offline
 
 ultralytics_offline()
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402

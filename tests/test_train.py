@@ -66,12 +66,13 @@ def test_each_distillation_term_is_a_results_column(distilled_run):
 
 
 def test_teacher_frozen_outside_optimizer_and_ema_and_unchanged(distilled_run, teacher_checkpoint):
-    _, seen = distilled_run
+    trainer, seen = distilled_run
     assert seen["teacher_training"] is False
     assert seen["teacher_requires_grad"] is False
     assert seen["teacher_in_optimizer"] is False and seen["teacher_in_ema"] is False
     assert seen["distiller_in_optimizer"] is True
     assert seen["teacher_hash_start"] == seen["teacher_hash_end"]
+    assert getattr(trainer.model, "criterion", None) is None  # the student left training with its own criterion
     from detkd.adapters.ultralytics import load_teacher
 
     assert _state_hash(load_teacher(teacher_checkpoint)) == seen["teacher_hash_start"]
@@ -107,7 +108,7 @@ print("RESULT", json.dumps(out))
 def test_other_family_student_with_coco_teacher_through_the_api(synth_data, tmp_path):
     """A COCO-80-class yolov8s teaches an 8-class yolo26n (reg_max 1: decoded-box distillation) by class name."""
     from detkd.engine import distill
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.utils import YAML
@@ -182,7 +183,7 @@ def test_transfer_then_distil_frozen_for_k_epochs_then_train(synth_data, teacher
     """init: a classifier backbone, frozen (BN statistics included) for 1 of 2 epochs, then released at half lr,
     while a teacher distils (one recipe: transfer first, distil after)."""
     from detkd.data.synth import CLASSES
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.nn.tasks import ClassificationModel

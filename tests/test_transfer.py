@@ -20,7 +20,7 @@ COCO_LIKE = {i: f"class{i}" for i in range(80)}
 
 @cache
 def _built(cfg: str, nc: int | None):
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.nn.tasks import ClassificationModel, DetectionModel

@@ -26,7 +26,7 @@ from detkd.adapters import UltralyticsAdapter, create_teacher
 from detkd.config import load_recipe
 from detkd.distiller import Distiller
 from detkd.engine.criterion import DistillationCriterion
-from detkd.runtime import ultralytics_offline
+from detkd.ultralytics_internals import ultralytics_offline
 
 WORKLOADS = ("plain", "teacher", "distilled")
 

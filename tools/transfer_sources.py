@@ -18,7 +18,7 @@ from pathlib import Path
 from detkd.data import load_yolo, write_yolo
 from detkd.data.dataset import Category, DetectionDataset
 from detkd.data.synth import CLASSES, SynthConfig, generate_crops, generate_synthetic
-from detkd.runtime import ultralytics_offline
+from detkd.ultralytics_internals import ultralytics_offline
 
 MERGED = {
     "car": "vehicle",

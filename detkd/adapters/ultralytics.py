@@ -1,9 +1,9 @@
 """Ultralytics detectors (YOLOv8, YOLO11, YOLO26, ... any size) seen through :class:`DetectorView`.
 
-Everything comes from the Detect head's raw output dict (``boxes`` (N, 4·reg_max, A), ``scores`` (N, nc, A),
-``feats`` = the head's inputs), which Ultralytics returns in training and, as the second element, in eval mode:
+Everything comes from the Detect head's raw output (box distributions, class logits and the head's input features,
+see :func:`~detkd.ultralytics_internals.dense_head_outputs`), which Ultralytics returns in training and eval mode:
 no hooks, so nothing extra lives in the model and it still pickles and deep-copies as Ultralytics expects.
-End-to-end heads (YOLO26) return ``one2many`` and ``one2one`` branches; the dense ``one2many`` branch is used.
+End-to-end heads (YOLO26) have ``one2many`` and ``one2one`` branches; the dense ``one2many`` branch is used.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from detkd import ultralytics_internals as internals
 from detkd.adapters.view import DetectorView
 from detkd.errors import DetkdError
 
@@ -48,26 +49,19 @@ class UltralyticsAdapter:
 
     @property
     def channels(self) -> list[int]:
-        """Channels of the head's input features, from the first conv of each box branch."""
-        branch = self.head.cv2 if self.head.cv2 is not None else self.head.one2one_cv2
-        return [seq[0].conv.in_channels for seq in branch]
+        """Channels of the head's input features."""
+        return internals.detect_input_channels(self.head)
 
     @property
     def reg_max(self) -> int:
         return int(self.head.reg_max)
 
     def view(self, preds) -> DetectorView:
-        """The view of a forward's output: a training dict, or eval mode's ``(detections, dict)``."""
-        from ultralytics.utils.tal import make_anchors
-
-        if isinstance(preds, (tuple, list)):
-            preds = preds[1]
-        if "one2many" in preds:
-            preds = preds[self.branch]
-        feats = list(preds["feats"])
-        n, a = preds["scores"].shape[0], preds["scores"].shape[-1]
-        anchor_points, stride_tensor = make_anchors(feats, self.head.stride, 0.5)
-        box = preds["boxes"].permute(0, 2, 1)  # (N, A, 4 * reg_max)
+        """The view of a forward's output, in training or eval mode."""
+        boxes, scores, feats = internals.dense_head_outputs(preds, self.branch)
+        n, a = scores.shape[0], scores.shape[-1]
+        anchor_points, stride_tensor = internals.anchor_points(feats, self.head.stride)
+        box = boxes.permute(0, 2, 1)  # (N, A, 4 * reg_max)
         if self.reg_max > 1:
             box_logits = box.reshape(n, a, 4, self.reg_max)
             bins = torch.arange(self.reg_max, device=box.device, dtype=box_logits.dtype)
@@ -78,7 +72,7 @@ class UltralyticsAdapter:
             feats=feats,
             strides=self.strides,
             names=self.names,
-            cls_logits=preds["scores"].permute(0, 2, 1),
+            cls_logits=scores.permute(0, 2, 1),
             box_logits=box_logits,
             box_ltrb=box_ltrb,
             anchor_points=anchor_points,
@@ -94,10 +88,10 @@ class UltralyticsAdapter:
 def load_ultralytics_model(
     path: str | os.PathLike, role: str = "model", device: torch.device | str = "cpu"
 ) -> nn.Module:
-    """The model of a local Ultralytics checkpoint (float, eval mode), with a one-line error for anything else."""
-    from detkd.runtime import ultralytics_offline
+    """The model of a local Ultralytics checkpoint (float, eval mode), with a one-line error for anything else.
 
-    ultralytics_offline()
+    Loading is restricted to what Ultralytics checkpoints hold (see :mod:`detkd.safe_load`)."""
+    internals.ultralytics_offline()
     from ultralytics.nn.tasks import load_checkpoint
 
     path = Path(path)
@@ -105,6 +99,8 @@ def load_ultralytics_model(
         raise DetkdError(f"{path}: {role} checkpoint not found (detkd never downloads weights: give a local file)")
     try:
         model, _ = load_checkpoint(str(path), device=device)
+    except DetkdError:  # refused by the safe loader, with its reason
+        raise
     except Exception as e:  # torch.load / unpickling / format errors: a foreign or damaged file
         first_line = next((line for line in str(e).splitlines() if line.strip()), "")
         raise DetkdError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {first_line})") from e

@@ -146,7 +146,7 @@ def _digest(*parts: Any) -> str:
 def run_job(job: Job) -> dict:
     """Train (unless the job only evaluates), measure, evaluate with COCO; write ``run.json``. In the child."""
     from detkd.evaluation import evaluate_checkpoint
-    from detkd.runtime import ultralytics_offline
+    from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     start = time.time()

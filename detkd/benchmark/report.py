@@ -68,13 +68,13 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
-    from detkd.runtime import cpu_threads, ultralytics_offline
+    from detkd.runtime import cpu_threads
+    from detkd.ultralytics_internals import cpu_name, ultralytics_offline
 
     ultralytics_offline()  # sets the torch threads that every run uses
-    from ultralytics.utils.torch_utils import get_cpu_info
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpus": cpu_threads(), "torch_threads": torch.get_num_threads(), "device": gpu or get_cpu_info()}
+    return {"cpus": cpu_threads(), "torch_threads": torch.get_num_threads(), "device": gpu or cpu_name()}
 
 
 def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) -> dict:

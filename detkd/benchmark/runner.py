@@ -22,6 +22,7 @@ from detkd.benchmark.report import build_report, write_report
 from detkd.config import builtin_names
 from detkd.errors import DetkdError
 from detkd.runtime import cpu_threads
+from detkd.safe_load import TRUST_HELP, trust_checkpoints
 
 
 def run_benchmark(
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", nargs="+", type=int, metavar="SEED", help="seeds for every method (replaces the profile's)"
     )
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument(
         "--parallel",
         type=int,
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise DetkdError(f"{args.teacher}: teacher checkpoint not found")
             profile.teacher.checkpoint = str(Path(args.teacher).resolve())
         out = args.out or Path("runs") / "bench" / profile.name
-        report = run_benchmark(profile, out, args.methods, args.seeds, _command_line(), args.parallel)
+        with trust_checkpoints(args.trust_checkpoint):  # its runs inherit it
+            report = run_benchmark(profile, out, args.methods, args.seeds, _command_line(), args.parallel)
     except DetkdError as e:
         print(f"detkd: error: {e}", file=sys.stderr)
         return 2

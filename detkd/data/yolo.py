@@ -133,9 +133,13 @@ def parse_label_line(line: str) -> tuple[int, float, float, float, float]:
 
 
 def open_image(path: Path) -> Image.Image:
-    """PIL's own ``Image.open``. Ultralytics replaces it with one that, for every file PIL cannot identify, tries
-    to install a HEIF plugin and logs a warning: a checker meets such files on purpose."""
-    return getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)(path)
+    """PIL's own ``Image.open``, also where Ultralytics replaced it (a checker meets unreadable files on purpose;
+    see :func:`~detkd.ultralytics_internals.pil_image_open`). Data tools do not import Ultralytics themselves."""
+    if "ultralytics" not in sys.modules:
+        return Image.open(path)
+    from detkd.ultralytics_internals import pil_image_open
+
+    return pil_image_open(path)
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -37,19 +37,21 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
     from detkd.data import check_dataset
     from detkd.engine.trainer import trainer_for
     from detkd.evaluation import load_yolo_checkpoint
+    from detkd.safe_load import trust_checkpoints
 
     if recipe.teacher:
         teacher_family(recipe.teacher)  # a missing file or an unknown kind fails here, before any model is built
     if recipe.init.source and not Path(recipe.init.source).is_file():
         raise DetkdError(f"{recipe.init.source}: init.source checkpoint not found (detkd never downloads weights)")
     check_dataset(recipe.data).raise_if_errors()
-    if Path(recipe.student).suffix in {".yaml", ".yml"}:
-        from ultralytics import YOLO
+    with trust_checkpoints(recipe.trust_checkpoints):
+        if Path(recipe.student).suffix in {".yaml", ".yml"}:
+            from ultralytics import YOLO
 
-        model = YOLO(recipe.student)
-    else:
-        model = load_yolo_checkpoint(recipe.student)
-    model.train(trainer=trainer_for(recipe), data=str(recipe.data), **recipe.train)
+            model = YOLO(recipe.student)
+        else:
+            model = load_yolo_checkpoint(recipe.student)
+        model.train(trainer=trainer_for(recipe), data=str(recipe.data), **recipe.train)
     return Path(model.trainer.best)
 
 
@@ -72,6 +74,7 @@ def resume(run: str | os.PathLike, **overrides) -> Path:
     check_training_keys(overrides, f"resume={run}")
     from detkd.engine.trainer import trainer_for
     from detkd.evaluation import load_yolo_checkpoint
+    from detkd.safe_load import trust_checkpoints
 
     last = Path(run)
     if last.is_dir():  # the run folder
@@ -79,6 +82,8 @@ def resume(run: str | os.PathLike, **overrides) -> Path:
     recipe_file = last.parent.parent / "distill.yaml"
     if not recipe_file.is_file():
         raise DetkdError(f"{recipe_file}: no distillation recipe beside {last} (not a detkd run, or not started)")
-    model = load_yolo_checkpoint(last)
-    model.train(trainer=trainer_for(load_recipe(recipe_file)), resume=str(last), **overrides)
+    recipe = load_recipe(recipe_file)
+    with trust_checkpoints(recipe.trust_checkpoints):
+        model = load_yolo_checkpoint(last)
+        model.train(trainer=trainer_for(recipe), resume=str(last), **overrides)
     return Path(model.trainer.best)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from detkd import ultralytics_internals as internals
 from detkd.adapters.ultralytics import UltralyticsAdapter
 from detkd.distiller import Distiller
 
@@ -22,12 +23,11 @@ class DistillationCriterion:
         self.distiller = distiller
         self.factor = 1.0  # schedule multiplier, set by the trainer each batch
         self.nonfinite: dict[str, int] = {}  # term -> batches where it was not finite (reported each epoch)
-        self._fg_mask = None
-        dense_loss = getattr(task, "one2many", task)  # E2E losses: the dense branch's assigner
-        self._hook = dense_loss.assigner.register_forward_hook(self._capture_assignment)
+        self._fg_mask = None  # the student's positives of the current batch, from the task loss's assigner
+        self._hook = internals.on_assignment(task, self._capture_assignment)
 
-    def _capture_assignment(self, module, inputs, outputs):
-        self._fg_mask = outputs[3]  # (target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)
+    def _capture_assignment(self, fg_mask: torch.Tensor) -> None:
+        self._fg_mask = fg_mask
 
     def task_and_terms(self, preds, batch) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
         """Ultralytics' loss (× batch size) with its items, and the weighted distillation terms (before the

@@ -12,6 +12,12 @@ Everything else — augmentation, AMP, EMA, validation, ``results.csv``, plots, 
 path, so ``best.pt``/``last.pt`` stay plain student checkpoints. The recipe, the transfer report and the
 distiller's weights are saved beside them (``distill.yaml``, ``transfer.json``, ``weights/distiller.pt``) so
 that a killed run resumes.
+
+Ultralytics is extended through its public hooks only: ``get_model`` (transfer), ``build_optimizer`` (teacher and
+distiller, whose connectors train with the student), ``save_model`` (the distiller's state), the student's
+``criterion``, and callbacks: ``on_pretrain_routine_end`` (freezing, the criterion), ``on_train_epoch_start`` and
+``on_train_batch_start`` (release, schedule, frozen BN layers kept in eval mode), ``teardown`` (the student leaves
+with its own criterion, also after an error). What else it relies on is in :mod:`detkd.ultralytics_internals`.
 """
 
 from __future__ import annotations
@@ -22,25 +28,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from detkd import ultralytics_internals as internals
 from detkd.adapters import DetectorAdapter, UltralyticsAdapter, create_teacher
 from detkd.config import Recipe, save_recipe
 from detkd.distiller import Distiller, schedule_factor
 from detkd.engine.criterion import DistillationCriterion
-from detkd.runtime import ultralytics_offline
 from detkd.utils import atomic_write, save_json
 
-ultralytics_offline()
+internals.ultralytics_offline()
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.utils import LOGGER  # noqa: E402
-
-
-class _StudentAndDistiller(nn.Module):
-    """One module over everything trainable, so Ultralytics' optimizer groups the distiller's parameters too."""
-
-    def __init__(self, student: nn.Module, distiller: nn.Module):
-        super().__init__()
-        self.student_model = student  # the name Ultralytics' MuSGD set-up looks for
-        self.distiller = distiller
 
 
 class DetkdTrainer(DetectionTrainer):
@@ -53,6 +50,11 @@ class DetkdTrainer(DetectionTrainer):
     transferred: frozenset[str] = frozenset()  # student parameter names that came from the init source
     frozen = False  # transferred tensors fixed this epoch
     frozen_bn: tuple[nn.Module, ...] = ()  # BN layers kept in eval mode while they are
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback("on_pretrain_routine_end", _finish_setup)
+        self.add_callback("teardown", _restore_student)
 
     # --- weight transfer -------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
@@ -70,10 +72,10 @@ class DetkdTrainer(DetectionTrainer):
 
     def _set_transferred_trainable(self, trainable: bool) -> None:
         """Freeze or release transferred tensors. Ultralytics re-enables ``requires_grad`` during its set-up, so
-        freezing runs after it; its DFL projection stays fixed either way. Frozen BN layers also keep their
-        transferred statistics (see ``_model_train``)."""
+        freezing runs after it; what it always freezes (the DFL projection) stays fixed either way. Frozen BN layers
+        also keep their transferred statistics (see :func:`_keep_frozen_bn_in_eval`)."""
         for name, p in self.model.named_parameters():
-            if name in self.transferred and ".dfl" not in name:
+            if name in self.transferred and not any(f in name for f in internals.ALWAYS_FROZEN):
                 p.requires_grad_(trainable)
         self.frozen = not trainable
         self.frozen_bn = (
@@ -86,38 +88,20 @@ class DetkdTrainer(DetectionTrainer):
             )
         )
 
-    def _model_train(self):
-        super()._model_train()
-        for bn in self.frozen_bn:
-            bn.eval()
-
     # --- distillation ----------------------------------------------------------------------------------------
-    def _setup_train(self):
+    def build_optimizer(self, model, *args, **kwargs):
+        """The optimizer of the student and the distiller's connectors. The teacher and the distiller are built here:
+        the first hook of Ultralytics' set-up that sees the student on its device, on the process that trains."""
+        trainable = model
         if self.recipe.teacher:
             self.teacher = create_teacher(self.recipe.teacher, self.device)
-        super()._setup_train()  # builds the optimizer through build_optimizer below
-        save_recipe(self.recipe, Path(self.save_dir) / "distill.yaml")
-        if self.transferred and self.recipe.init.freeze_epochs > self.start_epoch:
-            self._set_transferred_trainable(False)
-            LOGGER.info(f"detkd: transferred tensors frozen for {self.recipe.init.freeze_epochs} epochs")
-        self.add_callback("on_train_epoch_start", _start_epoch)
-        if self.teacher is not None:
-            student = self.model
-            task = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
-            self.criterion = DistillationCriterion(task, UltralyticsAdapter(student), self.teacher, self.distiller)
-            student.criterion = self.criterion
-            self.add_callback("on_train_batch_start", _update_schedule)
-
-    def build_optimizer(self, model, *args, **kwargs):
-        trainable = model
-        if self.teacher is not None:
             student, names = UltralyticsAdapter(model), dict(self.data["names"])
             self.distiller = Distiller(self.recipe.distill, student, self.teacher, names).to(self.device)
             state = self.wdir / "distiller.pt"
             if self.args.resume and state.exists():
-                self.distiller.load_state_dict(torch.load(state, map_location=self.device))
+                self.distiller.load_state_dict(internals.load_checkpoint_file(state, map_location=self.device))
                 LOGGER.info(f"detkd: distiller state restored from {state}")
-            trainable = _StudentAndDistiller(model, self.distiller)
+            trainable = internals.StudentAndDistiller(model, self.distiller)
         optimizer = super().build_optimizer(trainable, *args, **kwargs)
         if self.transferred and self.recipe.init.lr_mult != 1.0:
             _scale_lr(
@@ -133,14 +117,6 @@ class DetkdTrainer(DetectionTrainer):
             state_dict = self.distiller.state_dict()
             atomic_write(self.wdir / "distiller.pt", lambda tmp: torch.save(state_dict, tmp))
         return saved
-
-    def _do_train(self):
-        try:
-            return super()._do_train()
-        finally:
-            if self.criterion is not None:
-                self.criterion.remove()
-                self.model.criterion = None  # the student leaves training with a plain criterion
 
 
 def _scale_lr(optimizer: torch.optim.Optimizer, ids: set[int], mult: float) -> None:
@@ -159,6 +135,36 @@ def _scale_lr(optimizer: torch.optim.Optimizer, ids: set[int], mult: float) -> N
     for group in groups:
         if group["params"]:
             optimizer.add_param_group(group)
+
+
+def _finish_setup(trainer: DetkdTrainer) -> None:
+    """After Ultralytics' set-up (EMA copied, a resumed run's state loaded): save the recipe, freeze transferred
+    tensors, and give the student the distillation criterion (after the EMA copy, which keeps a plain one)."""
+    save_recipe(trainer.recipe, Path(trainer.save_dir) / "distill.yaml")
+    if trainer.transferred and trainer.recipe.init.freeze_epochs > trainer.start_epoch:
+        trainer._set_transferred_trainable(False)
+        trainer.add_callback("on_train_batch_start", _keep_frozen_bn_in_eval)
+        LOGGER.info(f"detkd: transferred tensors frozen for {trainer.recipe.init.freeze_epochs} epochs")
+    trainer.add_callback("on_train_epoch_start", _start_epoch)
+    if trainer.teacher is not None:
+        student = trainer.model
+        task = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
+        trainer.criterion = DistillationCriterion(task, UltralyticsAdapter(student), trainer.teacher, trainer.distiller)
+        student.criterion = trainer.criterion
+        trainer.add_callback("on_train_batch_start", _update_schedule)
+
+
+def _restore_student(trainer: DetkdTrainer) -> None:
+    """The student leaves training with a plain criterion and the teacher's hook removed, also after an error."""
+    if trainer.criterion is not None:
+        trainer.criterion.remove()
+        trainer.model.criterion = None
+
+
+def _keep_frozen_bn_in_eval(trainer: DetkdTrainer) -> None:
+    """Ultralytics puts the whole student in train mode each epoch; frozen BN layers keep their statistics."""
+    for bn in trainer.frozen_bn:
+        bn.eval()
 
 
 def _start_epoch(trainer: DetkdTrainer) -> None:

@@ -1,0 +1,372 @@
+"""Every place detkd relies on Ultralytics beyond its public API, so that a new release is fixed in this one file.
+
+Public API (``YOLO``, ``DetectionTrainer`` and its hooks and callbacks, ``DetectionModel``, ``load_checkpoint``,
+the layer classes such as ``Detect``) is used where it is needed. What is here is not promised by Ultralytics and
+was read from its source: private names, module constants, output orders, formulas, and the monkey-patches detkd
+applies. Each item says why it is needed; all were read from Ultralytics **8.4.190** (the tested version).
+
+Importing this module checks the installed version against what detkd supports (:data:`SUPPORTED_RANGE`, as
+pinned in pyproject.toml) and warns once, naming both, when it is outside. :func:`ultralytics_offline` applies the
+patches; call it before any Ultralytics work (it is idempotent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import ultralytics
+from torch import nn
+
+from detkd import safe_load
+from detkd.runtime import cpu_threads
+from detkd.utils import atomic_write
+
+SUPPORTED_RANGE = ">=8.4.0,<8.5"  # the pin in pyproject.toml
+TESTED_VERSION = "8.4.190"
+_SUPPORTED_MINOR = (8, 4)
+_log = logging.getLogger("detkd")
+
+# --- version ---------------------------------------------------------------------------------------------------
+
+
+def version_warning(version: str) -> str | None:
+    """The warning for an installed Ultralytics ``version`` outside :data:`SUPPORTED_RANGE`; None inside it."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if numbers == _SUPPORTED_MINOR:
+        return None
+    return (
+        f"detkd: warning: Ultralytics {version} is installed; detkd supports {SUPPORTED_RANGE} and is tested with "
+        f"{TESTED_VERSION}: the internals it relies on may have changed (see {Path(__file__).name})"
+    )
+
+
+def check_ultralytics_version() -> None:
+    """Warn (once: this runs at import) when the installed Ultralytics is outside the supported range."""
+    if message := version_warning(ultralytics.__version__):
+        _log.warning(message)
+
+
+check_ultralytics_version()
+
+# --- making Ultralytics offline, quiet and safe ------------------------------------------------------------------
+
+# Integrations Ultralytics enables from settings.json; each may open connections of its own.
+_INTEGRATIONS = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+_FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
+_done = False
+
+
+def ultralytics_offline() -> None:
+    """Ultralytics with detkd's settings and patches; idempotent. Call before any Ultralytics work.
+
+    - Offline: Ultralytics reads ``YOLO_OFFLINE``/``YOLO_AUTOINSTALL`` once, at import; when the user imported it
+      before detkd set them, its module constants ``ONLINE``/``AUTOINSTALL`` (``ultralytics.utils``, ``.checks``,
+      ``.events``) are brought in line. Hub sync and logger integrations are turned off in its settings.
+    - Fonts: plotting calls ``check_font``, which looks for Arial in ``USER_CONFIG_DIR`` and downloads it when
+      missing; matplotlib's DejaVu Sans is put there instead.
+    - Threads: Ultralytics sets ``torch_utils.NUM_THREADS`` to min(8, cores - 1) (one thread on a 2-core machine);
+      detkd trains on every core torch may use.
+    - Checkpoints: every load goes through :mod:`detkd.safe_load` (:func:`_load_checkpoints_safely`), and model
+      configs are built without ``eval`` (:func:`_build_configs_without_eval`).
+    """
+    global _done
+    if _done:
+        return
+    import ultralytics.utils as uu
+    import ultralytics.utils.checks as checks
+    import ultralytics.utils.torch_utils as tu
+
+    if uu.ONLINE and uu.env_bool("YOLO_OFFLINE"):  # imported before detkd set the environment
+        import ultralytics.utils.events as events
+
+        uu.ONLINE = checks.ONLINE = events.ONLINE = False
+    if uu.AUTOINSTALL and not uu.env_bool("YOLO_AUTOINSTALL", True):
+        uu.AUTOINSTALL = checks.AUTOINSTALL = False
+    uu.SETTINGS.update({"sync": False, **{k: False for k in _INTEGRATIONS}})
+    _install_fonts(uu.USER_CONFIG_DIR)
+    # OMP_NUM_THREADS (set by detkd's runtime to every core unless given) wins, so that runs side by side can share
+    # the cores (detkd benchmark --parallel)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_threads())
+    torch.set_num_threads(threads)
+    tu.NUM_THREADS = threads
+    _load_checkpoints_safely()
+    _build_configs_without_eval()
+    _done = True
+
+
+def _install_fonts(ultralytics_dir: Path) -> None:
+    """Put a font where ``check_font`` looks first, so plotting never tries to download Arial.
+
+    Matplotlib (an Ultralytics dependency) ships DejaVu Sans; it covers the glyphs Ultralytics draws.
+    """
+    from matplotlib import font_manager
+
+    source = Path(font_manager.findfont("DejaVu Sans", fallback_to_default=True))
+    for name in _FONTS:
+        target = ultralytics_dir / name
+        if not target.exists() and source.exists():
+            atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+@contextlib.contextmanager
+def quiet_ultralytics():
+    """Ultralytics' info lines (model summaries, data-set scans, its help text) off inside the block, warnings
+    kept: for detkd's own reports (``detkd diagnose``, recipe checks), where they would bury the answer."""
+    ultralytics_offline()
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def _load_checkpoints_safely() -> None:
+    """Route every checkpoint Ultralytics opens through :func:`load_checkpoint_file`.
+
+    ``ultralytics.utils.patches.torch_load`` is ``torch.load`` with ``weights_only=False`` by default, and every
+    checkpoint Ultralytics reads passes through it: ``torch_safe_load`` (behind ``load_checkpoint``: ``YOLO(path)``,
+    trainer set-up and resume, the ``distill_model=`` teacher), ``strip_optimizer`` (end of training), the DDP
+    script. Modules bind it by name at import (``nn.tasks``, ``utils.torch_utils``), so each binding is replaced,
+    and ``patches`` itself for modules imported later. Ultralytics' own opt-in restricted loading
+    (``ULTRALYTICS_SAFE_LOAD``) is not used: it admits ``builtins.getattr`` and lets a file call model classes.
+    """
+    import ultralytics.utils.patches as patches
+    from ultralytics.nn import tasks  # noqa: F401  (imported first: they bind torch_load, replaced below)
+    from ultralytics.utils import torch_utils  # noqa: F401
+
+    original = patches.torch_load
+    for name, module in list(sys.modules.items()):
+        if name.startswith("ultralytics") and getattr(module, "torch_load", None) is original:
+            module.torch_load = _torch_load
+
+
+def _torch_load(file, *args, weights_only=None, **kwargs):
+    """Ultralytics' ``torch_load`` signature; the caller's ``weights_only`` is replaced by detkd's policy."""
+    return load_checkpoint_file(file, *args, **kwargs)
+
+
+def _build_configs_without_eval() -> None:
+    """Make ``parse_model`` take its restricted path for every model config, not only during restricted loads.
+
+    A model's config travels inside its checkpoint (``model.yaml``) and is built again whenever the model trains
+    or is transferred. Unrestricted, ``parse_model`` runs ``eval`` on the config's ``activation`` string and looks
+    layer names up in its module's globals, so a crafted config runs code. ``_SafeLoad.restricted()`` (``nn.tasks``)
+    switches it to a literal parser and ``nn.Module`` layers only; every Ultralytics config builds either way.
+    """
+    from ultralytics.nn.tasks import _SafeLoad
+
+    _SafeLoad.restricted = classmethod(lambda cls: True)
+
+
+# --- what checkpoints hold ----------------------------------------------------------------------------------------
+# Found by scanning (torch.serialization.get_unsafe_globals_in_checkpoint) the best.pt, last.pt and mid-training
+# last.pt (with optimizer state) that Ultralytics 8.4.190 writes for yolov8n, yolo11n, yolo26n, a yolov8n run with
+# distill_model=, yolov8n-cls and yolo11n-cls, and what detkd.transfer and detkd's trainer write: model classes
+# (ultralytics.nn.tasks), their layers (ultralytics.nn.modules.*, torch.nn.modules.*), IterableSimpleNamespace, and
+# for classifiers their torchvision preprocessing. Added: NumPy scalars and dtypes, which Ultralytics' own allow-list
+# (``_SafeLoad._build``) names for its official checkpoints. Nothing else: no getattr, no AutoBackend (it loads
+# further files), no other callable.
+
+_MODEL_MODULE = "ultralytics.nn.tasks"  # DetectionModel, ClassificationModel, ...
+_LAYER_PACKAGES = ("ultralytics.nn.modules.", "torch.nn.modules.")
+_CLASSIFIER_TRANSFORMS = {  # ClassificationModel.transforms: Compose(Resize, CenterCrop, ToTensor, Normalize)
+    f"torchvision.transforms.transforms.{name}" for name in ("Compose", "Resize", "CenterCrop", "ToTensor", "Normalize")
+}
+
+
+def checkpoint_global(name: str) -> safe_load.Allowed | None:
+    """The role a global named in a checkpoint may play, or None when no Ultralytics checkpoint holds it."""
+    if name in _data_globals():
+        return _data_globals()[name]
+    if name == "torchvision.transforms.functional.InterpolationMode":  # an Enum: calling it looks a member up
+        from torchvision.transforms.functional import InterpolationMode
+
+        return safe_load.Allowed(InterpolationMode, callable=True)
+    module, _, attr = name.rpartition(".")
+    model_or_layer = module == _MODEL_MODULE or module.startswith(_LAYER_PACKAGES)
+    if not model_or_layer and name not in _CLASSIFIER_TRANSFORMS:
+        return None
+    try:
+        cls = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+    defined_here = isinstance(cls, type) and cls.__module__ == module  # not a name the module imported
+    if not defined_here or (model_or_layer and not issubclass(cls, nn.Module)):
+        return None
+    return safe_load.Allowed(cls)  # rebuilt, never called
+
+
+@functools.cache
+def _data_globals() -> dict[str, safe_load.Allowed]:
+    """Data types a checkpoint constructs by calling them; none does anything but build a value."""
+    import numpy as np
+    from ultralytics.utils import IterableSimpleNamespace  # train_args (a SimpleNamespace pickles as a call)
+
+    scalar = np.float64(0).__reduce__()[0]  # numpy.core.multiarray.scalar (numpy._core in NumPy 2)
+    dtypes = tuple({type(np.dtype(c)) for c in np.typecodes["AllFloat"] + np.typecodes["AllInteger"] + "?"})
+    return {
+        "ultralytics.utils.IterableSimpleNamespace": safe_load.Allowed(IterableSimpleNamespace, callable=True),
+        "numpy.dtype": safe_load.Allowed(np.dtype, callable=True, builds=dtypes),
+        "numpy.core.multiarray.scalar": safe_load.Allowed(scalar, callable=True),
+        "numpy._core.multiarray.scalar": safe_load.Allowed(scalar, callable=True),
+    }
+
+
+def load_checkpoint_file(path, map_location=None, **kwargs):
+    """``torch.load`` of an Ultralytics checkpoint, through :func:`detkd.safe_load.load` with its allow-list."""
+    return safe_load.load(path, checkpoint_global, map_location=map_location, **kwargs)
+
+
+def checkpoint_dict(model: nn.Module, train_args: dict, **extra) -> dict:
+    """A checkpoint that ``YOLO(path)`` loads and trains from, with the keys of ``BaseTrainer.save_model`` that
+    matter for that: the model in half precision, ``epoch`` -1 (no training state to resume), ``train_args``, the
+    version that wrote it; plus ``extra`` keys."""
+    from copy import deepcopy
+    from datetime import datetime
+
+    return {
+        "model": deepcopy(model).half(),
+        "epoch": -1,
+        "date": datetime.now().isoformat(),
+        "version": ultralytics.__version__,
+        "train_args": train_args,
+        **extra,
+    }
+
+
+# --- model structure ----------------------------------------------------------------------------------------------
+
+
+def model_source(model: nn.Module) -> str | None:
+    """Where a model came from: ``load_checkpoint`` sets ``pt_path``; a model built from a config keeps the file
+    name in ``yaml["yaml_file"]``."""
+    return getattr(model, "pt_path", None) or getattr(model, "yaml", {}).get("yaml_file")
+
+
+def detect_input_channels(head: nn.Module) -> list[int]:
+    """Channels of the Detect head's input features: the first conv of each box branch (``cv2``; end-to-end-only
+    heads keep ``one2one_cv2``), whose ``Conv`` wraps the ``nn.Conv2d`` as ``.conv``."""
+    branch = head.cv2 if head.cv2 is not None else head.one2one_cv2
+    return [seq[0].conv.in_channels for seq in branch]
+
+
+def is_end_to_end(head: nn.Module) -> bool:
+    """Whether a Detect head has the one-to-one (NMS-free) branches of YOLO26/YOLOv10."""
+    return getattr(head, "one2one_cv2", None) is not None
+
+
+def class_branches(head: nn.Module) -> list[tuple[str, nn.Sequential]]:
+    """``(path under the head, layers)`` of each class branch: ``cv3.{level}``, and ``one2one_cv3.{level}`` in
+    end-to-end heads. Each ends in the conv that predicts the ``nc`` class logits."""
+    return [
+        (f"{attr}.{i}", seq) for attr in ("cv3", "one2one_cv3") for i, seq in enumerate(getattr(head, attr, None) or ())
+    ]
+
+
+def class_branch_width(head: nn.Module) -> int:
+    """The hidden width of the class branches, which ``Detect.__init__`` sets to ``c3 = max(ch[0], min(nc, 100))``:
+    it changes with the number of classes. Read as the input width of the first branch's last conv."""
+    return head.cv3[0][-1].in_channels
+
+
+def dense_head_outputs(preds, branch: str = "one2many") -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """``(boxes (N, 4·reg_max, A), scores (N, nc, A), feats)`` of a Detect head's raw output.
+
+    The head returns a dict (``boxes``, ``scores``, ``feats`` = its inputs) in training and ``(detections, dict)`` in
+    eval mode; end-to-end heads nest it as ``{"one2many": ..., "one2one": ...}``.
+    """
+    if isinstance(preds, (tuple, list)):
+        preds = preds[1]
+    if "one2many" in preds:
+        preds = preds[branch]
+    return preds["boxes"], preds["scores"], list(preds["feats"])
+
+
+def anchor_points(feats: list[torch.Tensor], strides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(anchor points (A, 2) in grid units, stride per anchor (A, 1))``: cell centres, as the head and the
+    assigner lay anchors out (``ultralytics.utils.tal.make_anchors`` with offset 0.5)."""
+    from ultralytics.utils.tal import make_anchors
+
+    return make_anchors(feats, strides, 0.5)
+
+
+def channel_groups(parent: nn.Module, conv: str, side: str) -> tuple[tuple[tuple[int, ...], ...], bool] | None:
+    """How the ``side`` ("in"/"out") channels of the ``Conv`` named ``conv`` in module ``parent`` are grouped.
+
+    Returns ``(groups, by_position)``: each group a tuple of segment widths, ``by_position`` when a smaller model keeps
+    the first groups (else evenly spaced ones); None when the channels are not grouped. From the modules' source:
+
+    - ``C2f.cv2`` reads ``2 + n`` concatenated blocks of ``c`` channels (``c = int(c2 * e)``, ``n`` bottlenecks ``m``).
+    - ``Attention.qkv`` writes per head ``q, k, v`` of widths ``key_dim, key_dim, head_dim``; ``pe``'s output and
+      ``proj``'s input are the ``v`` channels, head by head.
+    """
+    from ultralytics.nn.modules.block import Attention, C2f
+
+    if isinstance(parent, C2f) and (conv, side) == ("cv2", "in"):
+        return ((parent.c,),) * (2 + len(parent.m)), True
+    if isinstance(parent, Attention):
+        heads, kd, hd = parent.num_heads, parent.key_dim, parent.head_dim
+        if (conv, side) == ("qkv", "out"):
+            return ((kd, kd, hd),) * heads, False
+        if (conv, side) in {("pe", "out"), ("proj", "in")}:
+            return ((hd,),) * heads, False
+    return None
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+# Parameters Ultralytics keeps frozen in every run (``always_freeze_names`` in ``BaseTrainer._setup_train``).
+ALWAYS_FROZEN = (".dfl",)
+
+
+def on_assignment(criterion, callback: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
+    """Call ``callback(fg_mask)`` with the anchors Ultralytics' detection criterion assigns as positives, (N, A) bool.
+
+    Its ``TaskAlignedAssigner`` returns ``(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)``;
+    end-to-end criteria (``E2ELoss``, YOLO26) hold the dense branch's criterion as ``one2many``.
+    """
+    dense = getattr(criterion, "one2many", criterion)
+    return dense.assigner.register_forward_hook(lambda module, inputs, outputs: callback(outputs[3]))
+
+
+class StudentAndDistiller(nn.Module):
+    """One module over everything trainable, so that ``build_optimizer`` groups the distiller's parameters (its
+    connectors) by module type too. Under MuSGD it looks the student's head up as ``model.student_model`` (the
+    attribute of its own ``DistillationModel``), hence the name."""
+
+    def __init__(self, student: nn.Module, distiller: nn.Module):
+        super().__init__()
+        self.student_model = student
+        self.distiller = distiller
+
+
+# --- elsewhere ----------------------------------------------------------------------------------------------------
+
+
+def pil_image_open(path: Path):
+    """PIL's own ``Image.open``. Importing Ultralytics replaces it (``ultralytics.utils.patches``) with one that, for
+    every file PIL cannot identify, tries to install a HEIF plugin and logs a warning; the original stays there as
+    ``_image_open``."""
+    from PIL import Image
+
+    return getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)(path)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as Ultralytics reports it (``torch_utils.get_cpu_info``)."""
+    from ultralytics.utils.torch_utils import get_cpu_info
+
+    return get_cpu_info()
