@@ -180,7 +180,10 @@ def _build_configs_without_eval() -> None:
 # (``_SafeLoad._build``) names for its official checkpoints. Nothing else: no getattr, no AutoBackend (it loads
 # further files), no other callable.
 
-_MODEL_MODULE = "ultralytics.nn.tasks"  # DetectionModel, ClassificationModel, ...
+# DetectionModel, ClassificationModel ...; DistillationModel: Ultralytics' built-in distillation (distill_model=)
+# saves its student inside it
+_MODEL_MODULES = ("ultralytics.nn.tasks", "ultralytics.nn.distill_model")
+_HOOKS = {"ultralytics.nn.distill_model.FeatureHook"}  # that wrapper's picklable forward hook: it stores outputs
 _LAYER_PACKAGES = ("ultralytics.nn.modules.", "torch.nn.modules.")
 _CLASSIFIER_TRANSFORMS = {  # ClassificationModel.transforms: Compose(Resize, CenterCrop, ToTensor, Normalize)
     f"torchvision.transforms.transforms.{name}" for name in ("Compose", "Resize", "CenterCrop", "ToTensor", "Normalize")
@@ -196,15 +199,15 @@ def checkpoint_global(name: str) -> safe_load.Allowed | None:
 
         return safe_load.Allowed(InterpolationMode, callable=True)
     module, _, attr = name.rpartition(".")
-    model_or_layer = module == _MODEL_MODULE or module.startswith(_LAYER_PACKAGES)
-    if not model_or_layer and name not in _CLASSIFIER_TRANSFORMS:
+    model_or_layer = module in _MODEL_MODULES or module.startswith(_LAYER_PACKAGES)
+    if not model_or_layer and name not in _CLASSIFIER_TRANSFORMS | _HOOKS:
         return None
     try:
         cls = getattr(importlib.import_module(module), attr, None)
     except ImportError:
         return None
     defined_here = isinstance(cls, type) and cls.__module__ == module  # not a name the module imported
-    if not defined_here or (model_or_layer and not issubclass(cls, nn.Module)):
+    if not defined_here or (model_or_layer and name not in _HOOKS and not issubclass(cls, nn.Module)):
         return None
     return safe_load.Allowed(cls)  # rebuilt, never called
 

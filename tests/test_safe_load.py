@@ -213,7 +213,7 @@ def test_recipe_key_trusts_the_checkpoints_of_its_run(tmp_path, synth_data, teac
 
 
 def test_trust_is_scoped_and_every_loading_command_offers_it():
-    from detkd.benchmark import build_parser as benchmark_parser
+    from detkd.benchmark.runner import build_parser as benchmark_parser
     from detkd.cli import build_parser
 
     with safe_load.trust_checkpoints():

@@ -71,7 +71,7 @@ def test_importing_warns_once_outside_the_range_and_never_inside(imported_with_v
 
 
 def test_the_seam_sits_low(imported_with_version):
-    """Importing it and preparing Ultralytics loads nothing of detkd above runtime, errors and safe_load."""
+    """Importing it and preparing Ultralytics loads nothing of detkd above runtime, errors, utils and safe_load."""
     line = next(x for x in imported_with_version["8.4.3"].stdout.splitlines() if x.startswith("MODULES "))
     assert set(json.loads(line[len("MODULES ") :])) == {
         "detkd",
@@ -79,6 +79,7 @@ def test_the_seam_sits_low(imported_with_version):
         "detkd.runtime",
         "detkd.safe_load",
         "detkd.ultralytics_internals",
+        "detkd.utils",
     }
 
 
