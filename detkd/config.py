@@ -117,6 +117,9 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)  # Ultralytics training keys, passed through
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # teacher assistants, largest first (yolov8m.yaml ...): each is distilled from the one before it (the first from
+    # the teacher) with this recipe, and the student from the last
+    chain: list[str] = field(default_factory=list)
     # load checkpoints that reference more than Ultralytics checkpoints hold (they can run code), see detkd.safe_load
     trust_checkpoints: bool = False
 
