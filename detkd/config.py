@@ -65,6 +65,7 @@ class LogitLossConfig:
     temperature: float = field(default=1.0, metadata=POSITIVE)
     locations: Literal["all", "teacher", "positives"] = "teacher"
     qfl_beta: float | None = field(default=None, metadata=NON_NEGATIVE)
+    gate: Literal["none", "teacher_better"] = "none"  # teacher_better: only where the teacher beats the student
 
 
 @dataclass
@@ -75,6 +76,7 @@ class BoxLossConfig:
     temperature: float = field(default=10.0, metadata=POSITIVE)  # LD temperature
     locations: Literal["all", "teacher", "positives"] = "teacher"
     l1_weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # decoded-box L1 relative to GIoU (decoded-box mode)
+    gate: Literal["none", "teacher_better"] = "none"  # teacher_better: only where the teacher beats the student
 
 
 @dataclass
@@ -115,6 +117,9 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)  # Ultralytics training keys, passed through
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # teacher assistants, largest first (yolov8m.yaml ...): each is distilled from the one before it (the first from
+    # the teacher) with this recipe, and the student from the last
+    chain: list[str] = field(default_factory=list)
     # load checkpoints that reference more than Ultralytics checkpoints hold (they can run code), see detkd.safe_load
     trust_checkpoints: bool = False
 

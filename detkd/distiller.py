@@ -20,6 +20,7 @@ from detkd.adapters.view import DetectorAdapter, DetectorView
 from detkd.config import DistillConfig, FeatureLossConfig, ScheduleConfig
 from detkd.errors import DetkdError
 from detkd.losses.registry import FeatureLoss
+from detkd.ultralytics_internals import Assignment
 from detkd.utils import class_key
 
 
@@ -180,9 +181,10 @@ class Distiller(nn.Module):
         return names
 
     def forward(
-        self, s: DetectorView, t: DetectorView, batch: dict, fg_mask: Tensor | None = None
+        self, s: DetectorView, t: DetectorView, batch: dict, assigned: Assignment | None = None
     ) -> dict[str, Tensor]:
-        """Weighted distillation terms (unscaled by the schedule), keyed by :attr:`term_names`."""
+        """Weighted distillation terms (unscaled by the schedule), keyed by :attr:`term_names`. ``assigned``: what
+        the student's task loss assigned this batch (needed by ``locations: positives`` and ``gate``)."""
         terms = {}
         names = iter(self.term_names)
         inputs = _LossInputs(batch, t)
@@ -203,17 +205,29 @@ class Distiller(nn.Module):
         if self.cfg.logit.weight > 0 or self.cfg.box.weight > 0:
             t_cls = t.cls_logits.float().detach()[..., self.teacher_classes]
             s_cls = s.cls_logits.float()[..., self.student_classes]
-            weights = {}  # per location kind, computed once when logit and box terms share it
+            locations = {}  # per location kind, computed once when logit and box terms share it
+
+            def where(c, box: bool) -> Tensor:
+                """The term's weight per anchor: its locations, times the teacher-better gate when it has one."""
+                if c.locations not in locations:
+                    locations[c.locations] = self._location_weights(c.locations, t_cls, assigned)
+                if c.gate == "none":
+                    return locations[c.locations]
+                if assigned is None:
+                    raise DetkdError("recipe: 'gate: teacher_better' needs the student's assigner, which is missing")
+                better = teacher_better_classes(s_cls, t_cls, assigned.scores[..., self.student_classes])
+                if box:  # at positives the box decides; elsewhere (no target box) the class scores do
+                    boxes = teacher_better_boxes(s.boxes_xyxy(pixels=True), t.boxes_xyxy(pixels=True), assigned.boxes)
+                    better = torch.where(assigned.fg_mask, boxes, better)
+                return locations[c.locations] * better
+
         if self.cfg.logit.weight > 0:
             c = self.cfg.logit
             per_anchor = losses.kd_sigmoid(s_cls, t_cls, c.temperature, reduction="none", beta=c.qfl_beta).sum(-1)
-            weights[c.locations] = self._location_weights(c.locations, t_cls, fg_mask)
-            terms[next(names)] = c.weight * _weighted_mean(per_anchor, weights[c.locations])
+            terms[next(names)] = c.weight * _weighted_mean(per_anchor, where(c, box=False))
         if self.cfg.box.weight > 0:
             c = self.cfg.box
-            if c.locations not in weights:
-                weights[c.locations] = self._location_weights(c.locations, t_cls, fg_mask)
-            weights = weights[c.locations]
+            weights = where(c, box=True)
             if s.reg_max > 1 and s.reg_max == t.reg_max:
                 per_anchor = losses.ld(s.box_logits.float(), t.box_logits.float(), c.temperature, "none").mean(-1)
                 box = _weighted_mean(per_anchor, weights)
@@ -232,11 +246,40 @@ class Distiller(nn.Module):
         return s_map
 
     @staticmethod
-    def _location_weights(locations: str, t_cls: Tensor, fg_mask: Tensor | None) -> Tensor:
+    def _location_weights(locations: str, t_cls: Tensor, assigned: Assignment | None) -> Tensor:
         if locations == "all":
             return torch.ones(t_cls.shape[:2], device=t_cls.device)
         if locations == "teacher":
             return t_cls.sigmoid().amax(-1) if t_cls.shape[-1] else torch.zeros(t_cls.shape[:2], device=t_cls.device)
-        if fg_mask is None:
+        if assigned is None:
             raise DetkdError("recipe: locations 'positives' needs the student's assigner, which this criterion lacks")
-        return fg_mask.float()
+        return assigned.fg_mask.float()
+
+
+def teacher_better_classes(s_cls: Tensor, t_cls: Tensor, target_scores: Tensor) -> Tensor:
+    """1 at the anchors where the teacher's class scores are closer to the labels than the student's, else 0: (N, A).
+
+    "Closer" is the student's own classification loss (Ultralytics' BCE against its assigner's IoU-aware targets,
+    0 on background), summed over the shared classes, taken by both. A teacher the student has overtaken at an
+    anchor stops pulling it back there; once the student passes the teacher everywhere the term is silent, so
+    distillation cannot cap a student below what it reaches alone. (detkd's rule; it follows the intuition of
+    teacher-correctness weighting in the distillation literature, applied per anchor against the same labels the
+    task loss uses.)"""
+    y = target_scores.to(t_cls.dtype)
+    teacher = F.binary_cross_entropy_with_logits(t_cls, y, reduction="none").sum(-1)
+    student = F.binary_cross_entropy_with_logits(s_cls.detach(), y, reduction="none").sum(-1)
+    return (teacher < student).to(t_cls.dtype)
+
+
+def teacher_better_boxes(s_boxes: Tensor, t_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+    """1 where the teacher's box overlaps the assigned target box more than the student's (IoU), else 0: (N, A).
+    All boxes xyxy in the same units; meaningful at the student's positives (elsewhere the target is empty)."""
+    return (_paired_iou(t_boxes.detach(), target_boxes) > _paired_iou(s_boxes.detach(), target_boxes)).float()
+
+
+def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes paired element-wise: (..., 4) xyxy each → (...)."""
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1) + (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area - inter).clamp(min=1e-9)

@@ -22,6 +22,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import ultralytics
@@ -335,14 +336,25 @@ def channel_groups(parent: nn.Module, conv: str, side: str) -> tuple[tuple[tuple
 ALWAYS_FROZEN = (".dfl",)
 
 
-def on_assignment(criterion, callback: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
-    """Call ``callback(fg_mask)`` with the anchors Ultralytics' detection criterion assigns as positives, (N, A) bool.
+class Assignment(NamedTuple):
+    """What Ultralytics' detection criterion assigned the student in one batch (its ``TaskAlignedAssigner``)."""
 
-    Its ``TaskAlignedAssigner`` returns ``(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)``;
-    end-to-end criteria (``E2ELoss``, YOLO26) hold the dense branch's criterion as ``one2many``.
+    fg_mask: torch.Tensor  # (N, A) bool: the positives
+    scores: torch.Tensor  # (N, A, nc): the class targets, IoU-aware, 0 on background (what its BCE is taken against)
+    boxes: torch.Tensor  # (N, A, 4): the target boxes, xyxy in input pixels
+
+
+def on_assignment(criterion, callback: Callable[[Assignment], None]) -> torch.utils.hooks.RemovableHandle:
+    """Call ``callback(Assignment)`` each time Ultralytics' detection criterion assigns targets to the student.
+
+    Its ``TaskAlignedAssigner`` returns ``(target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx)``,
+    boxes in pixels (the criterion passes it anchors × stride); end-to-end criteria (``E2ELoss``, YOLO26) hold the
+    dense branch's criterion as ``one2many``.
     """
     dense = getattr(criterion, "one2many", criterion)
-    return dense.assigner.register_forward_hook(lambda module, inputs, outputs: callback(outputs[3]))
+    return dense.assigner.register_forward_hook(
+        lambda module, inputs, outputs: callback(Assignment(outputs[3], outputs[2], outputs[1]))
+    )
 
 
 class StudentAndDistiller(nn.Module):

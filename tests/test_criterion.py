@@ -3,7 +3,7 @@
 import torch
 
 from detkd.adapters.ultralytics import UltralyticsAdapter, detect_head
-from detkd.config import DistillConfig, FeatureLossConfig
+from detkd.config import DistillConfig, FeatureLossConfig, LogitLossConfig
 from detkd.distiller import Distiller
 from detkd.engine.criterion import DistillationCriterion
 from detkd.ultralytics_internals import ultralytics_offline
@@ -49,5 +49,30 @@ def test_a_nonfinite_term_is_dropped_from_the_step_and_counted():
             student.zero_grad()
             loss.sum().backward()
             assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    finally:
+        criterion.remove()
+
+
+def test_the_students_assignment_reaches_the_terms_in_pixels():
+    """The assigner's targets (Ultralytics' output order, read in one place) arrive named: positives, IoU-aware
+    class targets, and target boxes in input pixels that match the batch's labels."""
+    student, teacher = _model("yolov8n.yaml", 0).train(), _model("yolov8s.yaml", 1).eval().requires_grad_(False)
+    s, t = UltralyticsAdapter(student), UltralyticsAdapter(teacher)
+    gated = LogitLossConfig(weight=1.0, locations="all", gate="teacher_better")
+    criterion = DistillationCriterion(student.init_criterion(), s, t, Distiller(DistillConfig(logit=gated), s, t))
+    batch = {
+        "img": torch.rand(2, 3, 64, 64),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.5, 0.25], [0.25, 0.25, 0.125, 0.125]]),  # xywh, normalised
+        "batch_idx": torch.tensor([0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [2.0]]),
+    }
+    try:
+        loss, items = criterion(student(batch["img"]), batch)
+        assigned = criterion._assigned
+        assert assigned.fg_mask.any() and torch.isfinite(items["kd_cls"])
+        boxes = {tuple(b.tolist()) for b in assigned.boxes[assigned.fg_mask]}
+        assert boxes <= {(16.0, 24.0, 48.0, 40.0), (12.0, 12.0, 20.0, 20.0)}  # the two labels, xyxy pixels
+        scores = assigned.scores[assigned.fg_mask]
+        assert scores.shape[-1] == 3 and (scores.sum(-1) > 0).all() and scores.max() <= 1
     finally:
         criterion.remove()

@@ -10,9 +10,16 @@ import torch
 from detkd import losses
 from detkd.adapters.ultralytics import UltralyticsAdapter
 from detkd.config import BoxLossConfig, DistillConfig, FeatureLossConfig, LogitLossConfig, ScheduleConfig
-from detkd.distiller import Distiller, class_pairs, gt_boxes_per_image, schedule_factor
+from detkd.distiller import (
+    Distiller,
+    class_pairs,
+    gt_boxes_per_image,
+    schedule_factor,
+    teacher_better_boxes,
+    teacher_better_classes,
+)
 from detkd.errors import DetkdError
-from detkd.ultralytics_internals import ultralytics_offline
+from detkd.ultralytics_internals import Assignment, ultralytics_offline
 
 ultralytics_offline()
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
@@ -157,7 +164,7 @@ def test_positives_weigh_only_the_anchors_the_student_assigner_chose():
     fg_mask[0, [3, 70]] = True  # a P3 and a P4 anchor of the 84 at 64 px
     fg_mask[1, 50] = True
 
-    terms = distiller(view_s, view_t, batch, fg_mask=fg_mask)
+    terms = distiller(view_s, view_t, batch, Assignment(fg_mask, torch.zeros_like(cls), torch.zeros(*fg_mask.shape, 4)))
     per_anchor = losses.kd_sigmoid(cls, view_t.cls_logits, reduction="none").sum(-1)
     assert terms["kd_cls"].item() == pytest.approx(per_anchor[fg_mask].mean().item(), rel=1e-6)  # mean over 3
     (terms["kd_cls"] + terms["kd_box"]).backward()
@@ -165,4 +172,61 @@ def test_positives_weigh_only_the_anchors_the_student_assigner_chose():
         assert grad[~fg_mask].abs().max() == 0  # anchors the assigner left out carry no weight
         assert (grad[fg_mask].flatten(1).abs().amax(1) > 0).all()
     with pytest.raises(DetkdError, match="'positives' needs the student's assigner"):
+        distiller(view_s, view_t, batch)
+
+
+# the teacher-better gate
+
+
+def test_teacher_better_classes_compares_each_ones_loss_against_the_labels():
+    # anchor 0: a car (target 0.8): teacher logit 3 (BCE 0.25) beats student -1 (BCE 1.11) -> 1
+    # anchor 1: background: teacher 2 (BCE 2.13) loses to student -2 (BCE 0.13) -> 0
+    # anchor 2: the same logits on both sides: not strictly better -> 0
+    s_cls = torch.tensor([[[-1.0], [-2.0], [0.5]]])
+    t_cls = torch.tensor([[[3.0], [2.0], [0.5]]])
+    targets = torch.tensor([[[0.8], [0.0], [1.0]]])
+    assert teacher_better_classes(s_cls, t_cls, targets).tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_teacher_better_boxes_compares_overlap_with_the_target():
+    target = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]]])
+    teacher = torch.tensor([[[0.0, 0.0, 10.0, 9.0], [0.0, 0.0, 5.0, 10.0]]])  # IoU 0.9, 0.5
+    student = torch.tensor([[[0.0, 0.0, 10.0, 8.0], [0.0, 0.0, 10.0, 6.0]]])  # IoU 0.8, 0.6
+    assert teacher_better_boxes(student, teacher, target).tolist() == [[1.0, 0.0]]
+
+
+def test_gated_terms_weigh_only_where_the_teacher_is_better():
+    student, teacher = _model("yolov8n.yaml", SYNTH), _model("yolov8s.yaml", SYNTH, seed=1).eval()
+    s, t = UltralyticsAdapter(student), UltralyticsAdapter(teacher)
+    gated = {"weight": 1.0, "locations": "all", "gate": "teacher_better"}
+    distiller = Distiller(DistillConfig(logit=LogitLossConfig(**gated), box=BoxLossConfig(**gated)), s, t)
+    batch = _batch()
+    view_t = t(batch["img"])
+    view_s = s.view(student.train()(batch["img"]))
+    cls = view_s.cls_logits.detach().requires_grad_(True)
+    view_s = replace(view_s, cls_logits=cls)
+    g = torch.Generator().manual_seed(0)
+    fg_mask = torch.zeros(cls.shape[:2], dtype=torch.bool)
+    fg_mask[0, 3] = fg_mask[1, 50] = True
+    scores = torch.rand(cls.shape, generator=g) * fg_mask[..., None]  # IoU-aware targets at the positives only
+    boxes = view_t.boxes_xyxy(pixels=True) + torch.randn(*cls.shape[:2], 4, generator=g)  # near the teacher's boxes
+    assigned = Assignment(fg_mask, scores, boxes)
+
+    terms = distiller(view_s, view_t, batch, assigned)
+    open_cls = teacher_better_classes(cls, view_t.cls_logits, scores)
+    assert 0 < open_cls.sum() < open_cls.numel()  # a real mix of open and closed anchors
+    per_anchor = losses.kd_sigmoid(cls, view_t.cls_logits, reduction="none").sum(-1)
+    expected = (per_anchor * open_cls).sum() / open_cls.sum().clamp(min=1)
+    assert terms["kd_cls"].item() == pytest.approx(expected.item(), rel=1e-6)
+    terms["kd_cls"].backward()
+    assert cls.grad[open_cls == 0].abs().max() == 0 and cls.grad[open_cls == 1].abs().amax(-1).gt(0).all()
+    # the box gate at positives follows the boxes: the teacher's, jittered, are nearer their targets
+    open_box = teacher_better_boxes(view_s.boxes_xyxy(pixels=True), view_t.boxes_xyxy(pixels=True), boxes)
+    assert open_box[fg_mask].all()
+
+    # a student equal to its teacher is never beaten: both terms are silent
+    same = Distiller(DistillConfig(logit=LogitLossConfig(**gated), box=BoxLossConfig(**gated)), t, t)
+    silent = same(view_t, view_t, batch, Assignment(fg_mask, scores, view_t.boxes_xyxy(pixels=True)))
+    assert silent["kd_cls"].item() == 0 and silent["kd_box"].item() == 0
+    with pytest.raises(DetkdError, match="'gate: teacher_better' needs the student's assigner"):
         distiller(view_s, view_t, batch)

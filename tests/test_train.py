@@ -269,3 +269,24 @@ def test_resume_keeps_the_saved_recipe(tmp_path):
         resume(tmp_path, epochz=3)
     with pytest.raises(DetkdError, match="give the run folder"):
         distill(resume=True)
+
+
+def test_a_chain_of_teacher_assistants_distils_in_turn_and_reuses_finished_stages(
+    synth_data, teacher_checkpoint, tmp_path
+):
+    from detkd.engine import distill
+
+    overrides = {"teacher": str(teacher_checkpoint), "data": str(synth_data), "chain": ["yolov8n.yaml"]}
+    train = {**TRAIN, "epochs": 1, "project": str(tmp_path), "name": "kd"}
+    best = distill("recommended", **overrides, **train)
+    assistant = tmp_path / "kd_assistant1"
+    stage = load_recipe(assistant / "distill.yaml")
+    final = load_recipe(best.parent.parent / "distill.yaml")
+    assert stage.teacher == str(teacher_checkpoint) and stage.student == "yolov8n.yaml" and stage.chain == []
+    assert final.teacher == str(assistant / "weights" / "best.pt") and final.chain == []  # taught by the assistant
+    assert best.parent.parent == tmp_path / "kd"
+    stamp = (assistant / "weights" / "best.pt").stat().st_mtime_ns
+    distill("recommended", **overrides, **train)  # the finished assistant is reused, not retrained
+    assert (assistant / "weights" / "best.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(DetkdError, match="'chain' of teacher assistants needs a 'teacher'"):
+        distill(None, data=str(synth_data), chain=["yolov8n.yaml"], init={"source": str(best)}, **train)

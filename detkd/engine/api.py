@@ -3,7 +3,9 @@ continues a killed run."""
 
 from __future__ import annotations
 
+import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from detkd.config import RECIPE_KEYS, Recipe, check_training_keys, load_recipe
@@ -32,6 +34,10 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
         raise DetkdError("recipe: a teacher is set but 'distill' has no loss with a weight > 0")
     if not recipe.teacher and not recipe.init.source:
         raise DetkdError("recipe: nothing to do beyond plain training (set a teacher, or init.source to transfer)")
+    if recipe.chain:
+        if not recipe.teacher:
+            raise DetkdError("recipe: a 'chain' of teacher assistants needs a 'teacher' to start from")
+        return _distill_chain(recipe)
 
     from detkd.adapters import teacher_family
     from detkd.data import check_dataset
@@ -53,6 +59,36 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
             model = load_yolo_checkpoint(recipe.student)
         model.train(trainer=trainer_for(recipe), data=str(recipe.data), **recipe.train)
     return Path(model.trainer.best)
+
+
+def _distill_chain(recipe: Recipe) -> Path:
+    """Teacher assistants (Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant", AAAI 2020): when
+    the teacher is much larger than the student, models of intermediate size bridge the gap. Each model of
+    ``recipe.chain`` is distilled from the one before it (the first from the teacher) with the recipe's
+    distillation, transfer and budget, in a run named ``<name>_assistant<i>``; then the student from the last.
+    A stage that finished with the same recipe is reused and a killed one resumed, so a cut chain continues."""
+    from ultralytics.cfg import get_cfg, get_save_dir
+
+    teacher, name = recipe.teacher, recipe.train.get("name") or "chain"
+    for i, assistant in enumerate(recipe.chain, 1):
+        train = {**recipe.train, "name": f"{name}_assistant{i}", "exist_ok": True}
+        stage = replace(recipe, chain=[], student=assistant, teacher=teacher, train=train)
+        run = get_save_dir(get_cfg(overrides={**train, "task": "detect", "mode": "train"}))
+        state = _stage_state(run, stage, get_cfg(overrides=train).epochs)
+        teacher = str(run / "weights" / "best.pt" if state == "done" else resume(run) if state else distill(stage))
+    return distill(replace(recipe, chain=[], teacher=teacher))
+
+
+def _stage_state(run: Path, stage: Recipe, epochs: int) -> str | None:
+    """``done`` when ``run`` finished ``stage`` (same recipe, every epoch in results.csv), ``cut`` when it was
+    killed part-way, None when it has not run with this recipe."""
+    saved = run / "distill.yaml"
+    if not saved.is_file() or load_recipe(saved).to_dict() != stage.to_dict():
+        return None
+    rows = (run / "results.csv").read_text().splitlines() if (run / "results.csv").is_file() else []
+    if len(list(csv.reader(rows))) - 1 >= epochs and (run / "weights" / "best.pt").is_file():
+        return "done"
+    return "cut" if (run / "weights" / "last.pt").is_file() else None
 
 
 def resume(run: str | os.PathLike, **overrides) -> Path:

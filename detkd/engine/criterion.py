@@ -23,17 +23,17 @@ class DistillationCriterion:
         self.distiller = distiller
         self.factor = 1.0  # schedule multiplier, set by the trainer each batch
         self.nonfinite: dict[str, int] = {}  # term -> batches where it was not finite (reported each epoch)
-        self._fg_mask = None  # the student's positives of the current batch, from the task loss's assigner
+        self._assigned: internals.Assignment | None = None  # the current batch's targets, from the task's assigner
         self._hook = internals.on_assignment(task, self._capture_assignment)
 
-    def _capture_assignment(self, fg_mask: torch.Tensor) -> None:
-        self._fg_mask = fg_mask
+    def _capture_assignment(self, assigned: internals.Assignment) -> None:
+        self._assigned = assigned
 
     def task_and_terms(self, preds, batch) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
         """Ultralytics' loss (× batch size) with its items, and the weighted distillation terms (before the
         schedule and the non-finite check): what a training step combines, and what ``detkd diagnose`` weighs."""
-        loss, items = self.task(preds, batch)  # runs the assigner: its positives are captured for the terms
-        terms = self.distiller(self.student.view(preds), self.teacher(batch["img"]), batch, fg_mask=self._fg_mask)
+        loss, items = self.task(preds, batch)  # runs the assigner: its targets are captured for the terms
+        terms = self.distiller(self.student.view(preds), self.teacher(batch["img"]), batch, self._assigned)
         return loss, items, terms
 
     def __call__(self, preds, batch):
