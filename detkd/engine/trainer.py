@@ -11,12 +11,14 @@
 Everything else — augmentation, AMP, EMA, validation, ``results.csv``, plots, checkpoints — is Ultralytics' code
 path, so ``best.pt``/``last.pt`` stay plain student checkpoints. The recipe, the transfer report and the
 distiller's weights are saved beside them (``distill.yaml``, ``transfer.json``, ``weights/distiller.pt``) so
-that a killed run resumes.
+that a killed run resumes. On several GPUs, :mod:`detkd.engine.ddp` carries the recipe to each rank and averages
+the distiller's gradients; the student is read through ``unwrap_model`` wherever DDP wraps it.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 from detkd.adapters import DetectorAdapter, UltralyticsAdapter, create_teacher
 from detkd.config import Recipe, save_recipe
 from detkd.distiller import Distiller, schedule_factor
+from detkd.engine import ddp
 from detkd.engine.criterion import DistillationCriterion
 from detkd.runtime import ultralytics_offline
 from detkd.utils import atomic_write, save_json
@@ -32,6 +35,7 @@ from detkd.utils import atomic_write, save_json
 ultralytics_offline()
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.utils import LOGGER  # noqa: E402
+from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 
 class _StudentAndDistiller(nn.Module):
@@ -54,9 +58,18 @@ class DetkdTrainer(DetectionTrainer):
     frozen = False  # transferred tensors fixed this epoch
     frozen_bn: tuple[nn.Module, ...] = ()  # BN layers kept in eval mode while they are
 
+    def __init__(self, *args, **kwargs):
+        if not hasattr(self, "recipe"):  # a DDP rank that imported this class by name (see detkd.engine.ddp)
+            self.recipe = ddp.recipe_of_this_rank()
+        super().__init__(*args, **kwargs)
+
+    def train(self):
+        with ddp.recipe_for_ranks(self.recipe) if self.ddp else nullcontext():  # self.ddp: this process starts ranks
+            return super().train()
+
     # --- weight transfer -------------------------------------------------------------------------------------
-    def get_model(self, cfg=None, weights=None, verbose=True):
-        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+    def setup_model(self):  # in every process that trains: a DDP rank receives the student built, or builds it
+        ckpt, model = super().setup_model(), self.model
         init, report_file = self.recipe.init, Path(self.save_dir) / "transfer.json"
         if init.source and not self.resume:
             from detkd.transfer import load_model, transfer_weights
@@ -66,13 +79,14 @@ class DetkdTrainer(DetectionTrainer):
             save_json(report.to_json(), report_file)  # a resumed run reads it back
         if init.source and report_file.exists():  # a resumed run finds what was transferred where it left it
             self.transferred = frozenset(json.loads(report_file.read_text())["transferred"])
-        return model
+        return ckpt
 
     def _set_transferred_trainable(self, trainable: bool) -> None:
         """Freeze or release transferred tensors. Ultralytics re-enables ``requires_grad`` during its set-up, so
         freezing runs after it; its DFL projection stays fixed either way. Frozen BN layers also keep their
         transferred statistics (see ``_model_train``)."""
-        for name, p in self.model.named_parameters():
+        student = unwrap_model(self.model)  # parameter names without DDP's "module." prefix
+        for name, p in student.named_parameters():
             if name in self.transferred and ".dfl" not in name:
                 p.requires_grad_(trainable)
         self.frozen = not trainable
@@ -81,7 +95,7 @@ class DetkdTrainer(DetectionTrainer):
             if trainable
             else tuple(
                 m
-                for n, m in self.model.named_modules()
+                for n, m in student.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.weight" in self.transferred
             )
         )
@@ -102,30 +116,36 @@ class DetkdTrainer(DetectionTrainer):
             LOGGER.info(f"detkd: transferred tensors frozen for {self.recipe.init.freeze_epochs} epochs")
         self.add_callback("on_train_epoch_start", _start_epoch)
         if self.teacher is not None:
-            student = self.model
+            student = unwrap_model(self.model)
             task = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
             self.criterion = DistillationCriterion(task, UltralyticsAdapter(student), self.teacher, self.distiller)
             student.criterion = self.criterion
             self.add_callback("on_train_batch_start", _update_schedule)
 
     def build_optimizer(self, model, *args, **kwargs):
-        trainable = model
+        trainable, student = model, unwrap_model(model)  # under DDP, ``model`` is the wrapper around the student
         if self.teacher is not None:
-            student, names = UltralyticsAdapter(model), dict(self.data["names"])
-            self.distiller = Distiller(self.recipe.distill, student, self.teacher, names).to(self.device)
+            adapter, names = UltralyticsAdapter(student), dict(self.data["names"])
+            self.distiller = Distiller(self.recipe.distill, adapter, self.teacher, names).to(self.device)
             state = self.wdir / "distiller.pt"
             if self.args.resume and state.exists():
                 self.distiller.load_state_dict(torch.load(state, map_location=self.device))
                 LOGGER.info(f"detkd: distiller state restored from {state}")
-            trainable = _StudentAndDistiller(model, self.distiller)
+            ddp.broadcast_from_first_rank(self.distiller)
+            trainable = _StudentAndDistiller(student, self.distiller)
         optimizer = super().build_optimizer(trainable, *args, **kwargs)
         if self.transferred and self.recipe.init.lr_mult != 1.0:
             _scale_lr(
                 optimizer,
-                {id(p) for n, p in model.named_parameters() if n in self.transferred},
+                {id(p) for n, p in student.named_parameters() if n in self.transferred},
                 self.recipe.init.lr_mult,
             )
         return optimizer
+
+    def optimizer_step(self):
+        if self.distiller is not None:
+            ddp.average_gradients(self.distiller)  # DDP averages the student's only
+        super().optimizer_step()
 
     def save_model(self):
         saved = super().save_model()
@@ -140,7 +160,7 @@ class DetkdTrainer(DetectionTrainer):
         finally:
             if self.criterion is not None:
                 self.criterion.remove()
-                self.model.criterion = None  # the student leaves training with a plain criterion
+                unwrap_model(self.model).criterion = None  # the student leaves training with a plain criterion
 
 
 def _scale_lr(optimizer: torch.optim.Optimizer, ids: set[int], mult: float) -> None:
