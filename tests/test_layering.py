@@ -21,7 +21,7 @@ LAYERS = [
     ["detkd.data", "detkd.config"],
     ["detkd.evaluation", "detkd.adapters"],
     ["detkd.distiller", "detkd.transfer"],
-    ["detkd.engine.criterion"],
+    ["detkd.engine.criterion", "detkd.engine.ddp"],
     ["detkd.engine.trainer"],
     ["detkd.engine"],  # api
     ["detkd.diagnose", "detkd.quickstart", "detkd.benchmark"],

@@ -11,18 +11,21 @@
 Everything else — augmentation, AMP, EMA, validation, ``results.csv``, plots, checkpoints — is Ultralytics' code
 path, so ``best.pt``/``last.pt`` stay plain student checkpoints. The recipe, the transfer report and the
 distiller's weights are saved beside them (``distill.yaml``, ``transfer.json``, ``weights/distiller.pt``) so
-that a killed run resumes.
+that a killed run resumes. On several GPUs, :mod:`detkd.engine.ddp` carries the recipe to each rank and averages
+the distiller's gradients; the student is read through ``unwrap_model`` wherever DDP wraps it.
 
-Ultralytics is extended through its public hooks only: ``get_model`` (transfer), ``build_optimizer`` (teacher and
-distiller, whose connectors train with the student), ``save_model`` (the distiller's state), the student's
-``criterion``, and callbacks: ``on_pretrain_routine_end`` (freezing, the criterion), ``on_train_epoch_start`` and
-``on_train_batch_start`` (release, schedule, frozen BN layers kept in eval mode), ``teardown`` (the student leaves
-with its own criterion, also after an error). What else it relies on is in :mod:`detkd.ultralytics_internals`.
+Ultralytics is extended through its public hooks only: ``setup_model`` (transfer), ``build_optimizer`` (teacher and
+distiller, whose connectors train with the student), ``optimizer_step`` (the distiller's gradients averaged across
+GPUs), ``save_model`` (the distiller's state), the student's ``criterion``, and callbacks: ``on_pretrain_routine_end``
+(freezing, the criterion), ``on_train_epoch_start`` and ``on_train_batch_start`` (release, schedule, frozen BN
+layers kept in eval mode), ``teardown`` (the student leaves with its own criterion, also after an error). What else
+it relies on is in :mod:`detkd.ultralytics_internals`.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,12 +35,14 @@ from detkd import ultralytics_internals as internals
 from detkd.adapters import DetectorAdapter, UltralyticsAdapter, create_teacher
 from detkd.config import Recipe, save_recipe
 from detkd.distiller import Distiller, schedule_factor
+from detkd.engine import ddp
 from detkd.engine.criterion import DistillationCriterion
 from detkd.utils import atomic_write, save_json
 
 internals.ultralytics_offline()
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.utils import LOGGER  # noqa: E402
+from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 
 class DetkdTrainer(DetectionTrainer):
@@ -52,13 +57,19 @@ class DetkdTrainer(DetectionTrainer):
     frozen_bn: tuple[nn.Module, ...] = ()  # BN layers kept in eval mode while they are
 
     def __init__(self, *args, **kwargs):
+        if not hasattr(self, "recipe"):  # a DDP rank that imported this class by name (see detkd.engine.ddp)
+            self.recipe = ddp.recipe_of_this_rank()
         super().__init__(*args, **kwargs)
         self.add_callback("on_pretrain_routine_end", _finish_setup)
         self.add_callback("teardown", _restore_student)
 
+    def train(self):
+        with ddp.recipe_for_ranks(self.recipe) if self.ddp else nullcontext():  # self.ddp: this process starts ranks
+            return super().train()
+
     # --- weight transfer -------------------------------------------------------------------------------------
-    def get_model(self, cfg=None, weights=None, verbose=True):
-        model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+    def setup_model(self):  # in every process that trains: a DDP rank receives the student built, or builds it
+        ckpt, model = super().setup_model(), self.model
         init, report_file = self.recipe.init, Path(self.save_dir) / "transfer.json"
         if init.source and not self.resume:
             from detkd.transfer import load_model, transfer_weights
@@ -68,13 +79,14 @@ class DetkdTrainer(DetectionTrainer):
             save_json(report.to_json(), report_file)  # a resumed run reads it back
         if init.source and report_file.exists():  # a resumed run finds what was transferred where it left it
             self.transferred = frozenset(json.loads(report_file.read_text())["transferred"])
-        return model
+        return ckpt
 
     def _set_transferred_trainable(self, trainable: bool) -> None:
         """Freeze or release transferred tensors. Ultralytics re-enables ``requires_grad`` during its set-up, so
         freezing runs after it; what it always freezes (the DFL projection) stays fixed either way. Frozen BN layers
         also keep their transferred statistics (see :func:`_keep_frozen_bn_in_eval`)."""
-        for name, p in self.model.named_parameters():
+        student = unwrap_model(self.model)  # parameter names without DDP's "module." prefix
+        for name, p in student.named_parameters():
             if name in self.transferred and not any(f in name for f in internals.ALWAYS_FROZEN):
                 p.requires_grad_(trainable)
         self.frozen = not trainable
@@ -83,7 +95,7 @@ class DetkdTrainer(DetectionTrainer):
             if trainable
             else tuple(
                 m
-                for n, m in self.model.named_modules()
+                for n, m in student.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.weight" in self.transferred
             )
         )
@@ -92,24 +104,30 @@ class DetkdTrainer(DetectionTrainer):
     def build_optimizer(self, model, *args, **kwargs):
         """The optimizer of the student and the distiller's connectors. The teacher and the distiller are built here:
         the first hook of Ultralytics' set-up that sees the student on its device, on the process that trains."""
-        trainable = model
+        trainable, student = model, unwrap_model(model)  # under DDP, ``model`` is the wrapper around the student
         if self.recipe.teacher:
             self.teacher = create_teacher(self.recipe.teacher, self.device)
-            student, names = UltralyticsAdapter(model), dict(self.data["names"])
-            self.distiller = Distiller(self.recipe.distill, student, self.teacher, names).to(self.device)
+            adapter, names = UltralyticsAdapter(student), dict(self.data["names"])
+            self.distiller = Distiller(self.recipe.distill, adapter, self.teacher, names).to(self.device)
             state = self.wdir / "distiller.pt"
             if self.args.resume and state.exists():
                 self.distiller.load_state_dict(internals.load_checkpoint_file(state, map_location=self.device))
                 LOGGER.info(f"detkd: distiller state restored from {state}")
-            trainable = internals.StudentAndDistiller(model, self.distiller)
+            ddp.broadcast_from_first_rank(self.distiller)
+            trainable = internals.StudentAndDistiller(student, self.distiller)
         optimizer = super().build_optimizer(trainable, *args, **kwargs)
         if self.transferred and self.recipe.init.lr_mult != 1.0:
             _scale_lr(
                 optimizer,
-                {id(p) for n, p in model.named_parameters() if n in self.transferred},
+                {id(p) for n, p in student.named_parameters() if n in self.transferred},
                 self.recipe.init.lr_mult,
             )
         return optimizer
+
+    def optimizer_step(self):
+        if self.distiller is not None:
+            ddp.average_gradients(self.distiller)  # DDP averages the student's only
+        super().optimizer_step()
 
     def save_model(self):
         saved = super().save_model()
@@ -147,7 +165,7 @@ def _finish_setup(trainer: DetkdTrainer) -> None:
         LOGGER.info(f"detkd: transferred tensors frozen for {trainer.recipe.init.freeze_epochs} epochs")
     trainer.add_callback("on_train_epoch_start", _start_epoch)
     if trainer.teacher is not None:
-        student = trainer.model
+        student = unwrap_model(trainer.model)
         task = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
         trainer.criterion = DistillationCriterion(task, UltralyticsAdapter(student), trainer.teacher, trainer.distiller)
         student.criterion = trainer.criterion
@@ -158,7 +176,7 @@ def _restore_student(trainer: DetkdTrainer) -> None:
     """The student leaves training with a plain criterion and the teacher's hook removed, also after an error."""
     if trainer.criterion is not None:
         trainer.criterion.remove()
-        trainer.model.criterion = None
+        unwrap_model(trainer.model).criterion = None
 
 
 def _keep_frozen_bn_in_eval(trainer: DetkdTrainer) -> None:
