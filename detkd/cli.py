@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help=images_help)
     p.set_defaults(func=_data_convert)
 
-    p = sub.add_parser("eval", help="COCO mAP (12-number table) of an Ultralytics checkpoint")
-    p.add_argument("--model", required=True, help="Ultralytics checkpoint (.pt)")
+    p = sub.add_parser("eval", help="COCO mAP (12-number table) of an Ultralytics or detkd torchvision checkpoint")
+    p.add_argument("--model", required=True, help="Ultralytics checkpoint or detkd torchvision teacher (.pt)")
     p.add_argument("--data", required=True, help="YOLO data .yaml or COCO instances .json")
     p.add_argument("--imgsz", type=int, default=640, help="inference size (default: %(default)s)")
     p.add_argument("--out", help="metrics JSON (default: runs/eval/<model>/metrics.json); detections go beside it")

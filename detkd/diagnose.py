@@ -291,17 +291,17 @@ def _gradient_norm(value: Tensor, params: list[Tensor]) -> float:
 
 
 def _evaluate_ap(checkpoint: str, data: str, imgsz: int, images: int, device: str | None) -> dict[str, Any]:
-    """COCO AP and AP per class of an Ultralytics checkpoint on the first ``images`` of the val split (AP None,
-    with the reason, when its classes are none of the data's)."""
+    """COCO AP and AP per class of a checkpoint of any family (``predict_checkpoint``) on the first ``images`` of
+    the val split (AP None, with the reason, when its classes are none of the data's)."""
     from detkd.data import load_data
-    from detkd.evaluation import ap_per_class, coco_evaluate, predict_ultralytics
+    from detkd.evaluation import ap_per_class, coco_evaluate, predict_checkpoint
 
     dataset = load_data(data, split="val")
     kept = dataset.images[:images]
     ids = {im.id for im in kept}
     subset = replace(dataset, images=kept, annotations=[a for a in dataset.annotations if a.image_id in ids])
     try:
-        detections = predict_ultralytics(checkpoint, subset, imgsz=imgsz, device=device)
+        detections = predict_checkpoint(checkpoint, subset, imgsz=imgsz, device=device)
     except DetkdError as e:
         return {"AP": None, "error": str(e), "per_class": {}, "images": len(kept)}
     ap = coco_evaluate(subset, detections)["AP"]

@@ -128,6 +128,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.cfg = cfg
         s_strides, t_strides = list(student.strides), list(teacher.strides)
+        self._check_teacher_feeds(cfg, teacher)
         # student level -> teacher level with the same stride
         self.level_pairs = {i: t_strides.index(s) for i, s in enumerate(s_strides) if s in t_strides}
         self.feature_parts = nn.ModuleList()
@@ -157,6 +158,24 @@ class Distiller(nn.Module):
             raise DetkdError("recipe: logit distillation needs classes that teacher and student share (none match)")
         self.register_buffer("student_classes", torch.tensor(s_idx, dtype=torch.long), persistent=False)
         self.register_buffer("teacher_classes", torch.tensor(t_idx, dtype=torch.long), persistent=False)
+
+    @staticmethod
+    def _check_teacher_feeds(cfg: DistillConfig, teacher: DetectorAdapter) -> None:
+        """Refuse, before any step, a term the teacher cannot feed: dense logit/box terms and losses weighted by
+        dense class scores pair the teacher's per-anchor outputs, which a two-stage teacher does not have."""
+        if teacher.dense_head:
+            return
+        dense_terms = [name for name, c in (("distill.logit", cfg.logit), ("distill.box", cfg.box)) if c.weight > 0]
+        dense_terms += [
+            f"distill.feature loss '{f.loss}'"
+            for f in cfg.feature
+            if f.loss in losses.FEATURE_LOSSES and "teacher_scores" in losses.FEATURE_LOSSES[f.loss].inputs
+        ]
+        if dense_terms:
+            raise DetkdError(
+                f"recipe: {dense_terms[0]} needs the teacher's dense per-anchor outputs, which this teacher "
+                f"({type(teacher.model).__name__}: two-stage, no dense head) does not have; use feature terms with it"
+            )
 
     @staticmethod
     def _feature_module(f: FeatureLossConfig, c_s: int, c_t: int) -> nn.Module:

@@ -1,8 +1,9 @@
 """COCO evaluation for every kind of model: the metric comes from pycocotools, detections from anywhere.
 
 :func:`coco_evaluate` takes detections in COCO's result format (``image_id, category_id, bbox xywh, score``),
-so an Ultralytics model (:func:`predict_ultralytics`), a torchvision model or an ONNX session only need to
-produce that list. The twelve numbers are exactly ``COCOeval.stats``.
+so an Ultralytics model (:func:`predict_ultralytics`), a torchvision teacher (:func:`predict_torchvision`) or an
+ONNX session only need to produce that list; :func:`predict_checkpoint` picks the way for a checkpoint of any
+family detkd knows. The twelve numbers are exactly ``COCOeval.stats``.
 """
 
 from __future__ import annotations
@@ -134,12 +135,63 @@ def predict_ultralytics(
             paths[start : start + batch], imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, device=device, verbose=False
         )
         for image, result in zip(chunk, results):
-            detections.extend(_to_coco_results(image.id, result.boxes, mapping))
+            boxes = result.boxes
+            detections.extend(_to_coco_results(image.id, boxes.xyxy, boxes.conf, boxes.cls, mapping))
     return detections
 
 
-def _to_coco_results(image_id: int, boxes, mapping: Mapping[int, int]) -> Iterable[dict]:
-    xyxy, scores, classes = boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.int().tolist()
+def predict_torchvision(
+    checkpoint: str | os.PathLike, dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, device=None
+) -> list[dict]:
+    """COCO-format detections of a detkd torchvision teacher checkpoint on every image of ``dataset``.
+
+    Each image is letterboxed to ``imgsz`` square as a student's batch is (Ultralytics' ``LetterBox``), seen by the
+    teacher exactly as in distillation (:meth:`~detkd.adapters.torchvision.TorchvisionAdapter.detections`: its own
+    score threshold, NMS and detections per image), and its boxes are mapped back to the image's pixels."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from detkd.adapters.torchvision import teacher_adapter
+    from detkd.ultralytics_internals import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils.ops import scale_boxes
+    from ultralytics.utils.torch_utils import select_device
+
+    teacher = teacher_adapter(checkpoint, select_device(device or "", verbose=False))
+    mapping = class_to_category(teacher.names, dataset)
+    device = next(teacher.model.parameters()).device
+    letterbox = LetterBox((imgsz, imgsz), auto=False)
+    detections = []
+    for start in range(0, len(dataset.images), batch):
+        chunk = dataset.images[start : start + batch]
+        originals = [cv2.imread(str(image.path)) for image in chunk]
+        if unread := [str(image.path) for image, pixels in zip(chunk, originals) if pixels is None]:
+            raise DetkdError(f"{unread[0]}: image cannot be read")
+        boxed = [letterbox(image=pixels)[..., ::-1] for pixels in originals]  # BGR -> RGB
+        images = torch.from_numpy(np.stack(boxed)).permute(0, 3, 1, 2).to(device).float() / 255
+        for image, pixels, found in zip(chunk, originals, teacher.detections(images)):
+            xyxy = scale_boxes((imgsz, imgsz), found["boxes"].clone(), pixels.shape[:2])
+            detections.extend(_to_coco_results(image.id, xyxy, found["scores"], found["labels"], mapping))
+    return detections
+
+
+def predict_checkpoint(
+    checkpoint: str | os.PathLike, dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, device=None
+) -> list[dict]:
+    """COCO-format detections of a checkpoint of any family detkd knows (a detkd torchvision teacher, else
+    Ultralytics, whose loader names what a foreign file is not)."""
+    from detkd.adapters.torchvision import is_torchvision_teacher
+
+    if is_torchvision_teacher(checkpoint):
+        return predict_torchvision(checkpoint, dataset, imgsz=imgsz, batch=batch, device=device)
+    return predict_ultralytics(checkpoint, dataset, imgsz=imgsz, batch=batch, device=device)
+
+
+def _to_coco_results(image_id: int, xyxy, scores, classes, mapping: Mapping[int, int]) -> Iterable[dict]:
+    xyxy, scores, classes = xyxy.tolist(), scores.tolist(), classes.int().tolist()
     for (x0, y0, x1, y1), score, cls in zip(xyxy, scores, classes):
         if cls in mapping:
             yield {
@@ -183,7 +235,8 @@ def evaluate_checkpoint(
     batch: int = 16,
     device: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate an Ultralytics checkpoint on a COCO json or YOLO data yaml; write metrics and detections.
+    """Evaluate a checkpoint (Ultralytics, or a detkd torchvision teacher) on a COCO json or YOLO data yaml; write
+    metrics and detections.
 
     Metrics go to ``out`` (default ``runs/eval/<model stem>/metrics.json``), detections beside it as
     ``<out stem>.detections.json``, ready for ``COCO.loadRes``.
@@ -191,7 +244,7 @@ def evaluate_checkpoint(
     from detkd.data import load_data
 
     dataset = load_data(data, split=split, images_dir=images_dir)
-    detections = predict_ultralytics(model, dataset, imgsz=imgsz, batch=batch, device=device)
+    detections = predict_checkpoint(model, dataset, imgsz=imgsz, batch=batch, device=device)
     metrics = coco_evaluate(dataset, detections)
     out = Path(out) if out else Path("runs/eval") / Path(model).stem / "metrics.json"
     save_json(detections, out.with_name(out.stem + ".detections.json"))

@@ -32,7 +32,9 @@ import contextlib
 import logging
 import os
 import pickle
+import pickletools
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -97,16 +99,19 @@ def trust_checkpoints(enabled: bool = True) -> Iterator[None]:
         os.environ.pop(TRUST_ENV, None)
 
 
-def load(path: str | os.PathLike, allow: AllowList, map_location=None, **kwargs) -> Any:
+def load(
+    path: str | os.PathLike, allow: AllowList, map_location=None, kind: str = "Ultralytics checkpoint", **kwargs
+) -> Any:
     """``torch.load(path)`` restricted to ``allow`` and torch's safe types; refused (one line) or trusted otherwise.
 
     ``allow(name)`` answers for each global the file references (``"ultralytics.nn.tasks.DetectionModel"``), see
-    :class:`Allowed`. ``kwargs`` go to ``torch.load``. A damaged file raises what ``torch.load`` raises.
+    :class:`Allowed`. ``kind`` names what the file should be, in a refusal. ``kwargs`` go to ``torch.load``. A
+    damaged file raises what ``torch.load`` raises.
     """
     import torch
 
     try:
-        return _load_restricted(path, allow, map_location, **kwargs)
+        return _load_restricted(path, allow, map_location, kind, **kwargs)
     except _Refused as why:
         if not trusted():
             raise DetkdError(f"{path}: refused to load: {why} ({_TRUST_HINT})") from None
@@ -114,23 +119,34 @@ def load(path: str | os.PathLike, allow: AllowList, map_location=None, **kwargs)
         return torch.load(path, map_location=map_location, weights_only=False, **kwargs)
 
 
-def _load_restricted(path, allow: AllowList, map_location, **kwargs) -> Any:
+def pickled_strings(path: str | os.PathLike) -> Iterator[str]:
+    """Every string in the pickle of a ``torch.save`` archive (class names, dict keys), read statically with
+    :mod:`pickletools`: nothing in the file runs. Empty for a file that is not such an archive, so a family can
+    recognise its checkpoints by a name they hold before any loader opens them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle_name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))  # torch.save's layout
+            ops = list(pickletools.genops(archive.read(pickle_name)))
+    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):  # not a zip, no pickle, a malformed pickle
+        return iter(())
+    return (arg for _, arg, _ in ops if isinstance(arg, str))
+
+
+def _load_restricted(path, allow: AllowList, map_location, kind: str, **kwargs) -> Any:
     import torch
 
     with _lock, _only_these_globals() as admit:
         try:  # with no other globals admitted, the scan lists every one outside torch's own safe set
             names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except ValueError:  # not a zip archive (a plain or legacy pickle), or TorchScript: nothing to check first
-            raise _Refused(
-                "not an Ultralytics checkpoint: not the zip archive torch.save writes, nothing to check"
-            ) from None
+            raise _Refused(f"not a {kind}: not the zip archive torch.save writes, nothing to check") from None
         except pickle.UnpicklingError as e:  # an opcode the scan (and torch's unpickler) does not read
             raise _Refused(f"torch's weights-only unpickler rejects it ({_unpickler_reason(e)})") from None
         allowed = {name: allow(name) for name in names}
         if foreign := [name for name, entry in allowed.items() if entry is None]:
             more = f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else ""
             shown = ", ".join(foreign[:_SHOWN]) + more
-            raise _Refused(f"it references {shown}, which no Ultralytics checkpoint holds")
+            raise _Refused(f"it references {shown}, which no {kind} holds")
         admit([registration for name, entry in allowed.items() for registration in _registrations(name, entry)])
         try:
             return torch.load(path, map_location=map_location, weights_only=True, **kwargs)

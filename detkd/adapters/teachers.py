@@ -1,8 +1,8 @@
 """The teacher factory: a recipe's ``teacher:`` checkpoint becomes the adapter of the detector family it holds.
 
 Each family says how it recognises its checkpoints without loading them, and how it loads one as a frozen
-teacher behind its adapter (:class:`~detkd.adapters.view.DetectorAdapter`). A new family (a torchvision
-Faster R-CNN, say) is one adapter module and one entry in :data:`TEACHER_FAMILIES`.
+teacher behind its adapter (:class:`~detkd.adapters.view.DetectorAdapter`). A new family is one adapter module and
+one entry in :data:`TEACHER_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from detkd.adapters import ultralytics
+from detkd.adapters import torchvision, ultralytics
 from detkd.adapters.view import DetectorAdapter
 from detkd.errors import DetkdError
 
@@ -28,6 +28,11 @@ class TeacherFamily:
 
 TEACHER_FAMILIES: tuple[TeacherFamily, ...] = (
     TeacherFamily("Ultralytics YOLO checkpoint", ultralytics.is_ultralytics_checkpoint, ultralytics.teacher_adapter),
+    TeacherFamily(
+        "detkd torchvision teacher (detkd.adapters.torchvision.save_torchvision_teacher)",
+        torchvision.is_torchvision_teacher,
+        torchvision.teacher_adapter,
+    ),
 )
 
 

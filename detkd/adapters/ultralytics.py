@@ -9,8 +9,6 @@ End-to-end heads (YOLO26) have ``one2many`` and ``one2one`` branches; the dense 
 from __future__ import annotations
 
 import os
-import pickletools
-import zipfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 from detkd import ultralytics_internals as internals
 from detkd.adapters.view import DetectorView
 from detkd.errors import DetkdError
+from detkd.safe_load import pickled_strings
 
 
 def detect_head(model: nn.Module) -> nn.Module:
@@ -33,6 +32,8 @@ def detect_head(model: nn.Module) -> nn.Module:
 
 class UltralyticsAdapter:
     """Reads a :class:`DetectorView` off an Ultralytics ``DetectionModel``'s raw head output."""
+
+    dense_head = True
 
     def __init__(self, model: nn.Module, branch: str = "one2many"):
         self.model = model
@@ -118,18 +119,10 @@ def load_teacher(path: str | os.PathLike, device: torch.device | str = "cpu") ->
 
 
 def is_ultralytics_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a ``torch.save`` archive whose pickle refers to Ultralytics classes.
-
-    Read statically (the pickle's opcodes, with :mod:`pickletools`): nothing in the file runs, so a checkpoint of
-    another kind is recognised as such before any loader opens it.
+    """Whether ``path`` is a ``torch.save`` archive whose pickle refers to Ultralytics classes (read statically, see
+    :func:`~detkd.safe_load.pickled_strings`: a checkpoint of another kind is recognised before any loader opens it).
     """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickle_name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))  # torch.save's layout
-            ops = pickletools.genops(archive.read(pickle_name))
-            return any(isinstance(arg, str) and arg.startswith("ultralytics.") for _, arg, _ in ops)
-    except (OSError, zipfile.BadZipFile, StopIteration, ValueError):  # not a zip, no pickle, a malformed pickle
-        return False
+    return any(name.startswith("ultralytics.") for name in pickled_strings(path))
 
 
 def teacher_adapter(path: str | os.PathLike, device: torch.device | str = "cpu") -> UltralyticsAdapter:

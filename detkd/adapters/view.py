@@ -15,10 +15,10 @@ class DetectorView:
 
     Dense outputs are flattened over the feature levels in ``strides`` order (P3 then P4 then P5), one row per
     anchor point, as Ultralytics' criterion sees them. A detector without dense outputs (a two-stage teacher) leaves
-    them ``None`` and offers features only.
+    them ``None`` and offers features (and what else it has: backbone stages, RPN objectness) only.
     """
 
-    feats: list[Tensor]  # (N, C, H, W) per level, strides 8/16/32
+    feats: list[Tensor]  # (N, C, H, W) per neck level, strides 8/16/32 (an FPN: 4 ... 64)
     strides: list[int]
     names: dict[int, str]
     cls_logits: Tensor | None = None  # (N, A, nc) raw, sigmoid per class
@@ -26,6 +26,9 @@ class DetectorView:
     box_ltrb: Tensor | None = None  # (N, A, 4) distances from the anchor point, in units of its stride
     anchor_points: Tensor | None = None  # (A, 2) anchor centres in grid units
     stride_tensor: Tensor | None = None  # (A, 1)
+    backbone_feats: list[Tensor] | None = None  # (N, C, H, W) per backbone stage feeding the neck (ResNet C2-C5)
+    backbone_strides: list[int] | None = None
+    objectness: list[Tensor] | None = None  # (N, anchors per cell, H, W) raw RPN logits per neck level
 
     @property
     def reg_max(self) -> int:
@@ -47,9 +50,11 @@ class DetectorAdapter(Protocol):
     ``channels``, ``strides`` and ``names`` describe the feature levels and classes (the distiller builds its
     connectors and class pairs from them); ``view`` reads a :class:`DetectorView` off the output of the model's
     forward pass (a student's, with gradients); calling the adapter runs the frozen model on images (a teacher's).
+    ``dense_head``: whether views carry per-anchor class and box outputs (logit and box terms pair them).
     """
 
     model: nn.Module
+    dense_head: bool
 
     @property
     def channels(self) -> list[int]: ...
