@@ -139,7 +139,8 @@ def _load_restricted(path, allow: AllowList, map_location, kind: str, **kwargs) 
         try:  # with no other globals admitted, the scan lists every one outside torch's own safe set
             names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except ValueError:  # not a zip archive (a plain or legacy pickle), or TorchScript: nothing to check first
-            raise _Refused(f"not a {kind}: not the zip archive torch.save writes, nothing to check") from None
+            article = "an" if kind[0].lower() in "aeiou" else "a"
+            raise _Refused(f"not {article} {kind}: not the zip archive torch.save writes, nothing to check") from None
         except pickle.UnpicklingError as e:  # an opcode the scan (and torch's unpickler) does not read
             raise _Refused(f"torch's weights-only unpickler rejects it ({_unpickler_reason(e)})") from None
         allowed = {name: allow(name) for name in names}

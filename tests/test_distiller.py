@@ -142,7 +142,9 @@ def test_decoded_box_distillation_for_heads_without_distributions():
 def test_mismatched_strides_refuse_dense_terms():
     student = _model("yolov8n.yaml", SYNTH)
     s = UltralyticsAdapter(student)
-    p2_teacher = SimpleNamespace(channels=[64, 128, 256, 512], strides=[4, 8, 16, 32], names=COCO_NAMES)
+    p2_teacher = SimpleNamespace(
+        channels=[64, 128, 256, 512], strides=[4, 8, 16, 32], names=COCO_NAMES, dense_head=True
+    )
     with pytest.raises(DetkdError, match="equal head strides"):
         Distiller(DistillConfig(logit=LogitLossConfig(weight=1.0)), s, p2_teacher)
 
