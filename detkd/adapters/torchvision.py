@@ -197,11 +197,15 @@ def coco_names() -> dict[int, str]:
     return {i: name for i, name in enumerate(categories) if name not in (_BACKGROUND, _UNUSED)}
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """An untrained ``arch`` with ``num_classes`` class-logit columns (background included)."""
+def check_architecture(arch: str) -> str:
     if arch not in ARCHITECTURES:
         raise DetkdError(f"torchvision:{arch}: unknown architecture (known: {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[arch](num_classes)
+    return arch
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """An untrained ``arch`` with ``num_classes`` class-logit columns (background included)."""
+    return ARCHITECTURES[check_architecture(arch)](num_classes)
 
 
 def read_state_dict(weights: str | os.PathLike, arch: str) -> dict[str, Tensor]:
@@ -237,11 +241,13 @@ def _cached_weights_file(name: str, arch: str) -> Path:
 
 
 def fit_weights(model: nn.Module, state: Mapping[str, Tensor], where: str) -> nn.Module:
-    """Load ``state`` into ``model``, or one line on what does not fit. The only keys a state dict may lack are
-    batch-norm step counters: torchvision's COCO weights were saved from frozen batch norms, which have none."""
+    """Load ``state`` into ``model``, or one line on what does not fit. Batch-norm step counters may be missing or
+    extra: torchvision's COCO weights come from frozen batch norms, which have none, and its builders without
+    weights use plain ones, which do; in eval mode the two compute the same."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
+    counter = "num_batches_tracked"
+    missing = [k for k in expected if k not in state and not k.endswith(counter)]
+    unexpected = [k for k in state if k not in expected and not k.endswith(counter)]
     wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
     for problem, keys in (("lacks", missing), ("has keys the architecture lacks", unexpected), ("misfits", wrong)):
         if keys:
@@ -274,7 +280,7 @@ def save_torchvision_teacher(
     ``weights``: a state dict, a file holding one, or a torchvision weights name (see :func:`read_state_dict`).
     ``names``: class names by class-logit column (1 ... K); by default torchvision's COCO names when the weights
     have COCO's 91 columns. The weights are checked against the architecture here, so a written file loads."""
-    build_model(arch, 2)  # an unknown architecture fails before any weights are read
+    check_architecture(arch)  # before any weights are read
     where = str(weights) if not isinstance(weights, Mapping) else f"torchvision:{arch}"
     state = dict(weights) if isinstance(weights, Mapping) else read_state_dict(weights, arch)
     num_classes = num_classes_of(state, where)
