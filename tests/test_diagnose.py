@@ -3,6 +3,7 @@ real models, and the reading of finished runs."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import save_model_checkpoint
 from detkd.diagnose import (
     BALANCE_SLACK,
     TERM_GRADIENT_RATIO,
+    Diagnosis,
     balanced_weight,
     diagnose_recipe,
     diagnose_run,
@@ -201,3 +203,14 @@ def test_a_run_whose_terms_did_not_fall_and_cli(tmp_path):
     assert done.returncode == 0 and "verdict: distillation helped" in done.stdout
     bad = subprocess.run([*cli, str(run), "epochs=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "overrides apply to a recipe" in bad.stderr
+
+
+def test_the_benchmarks_setup_as_measured_should_help():
+    """The measurements of the benchmark's pair (a yolov8s teacher of the cpu screens' quality, a yolov8n from
+    scratch, the recommended recipe), as `detkd diagnose` took them: the verdict is that it should help."""
+    measured = json.loads((Path(__file__).parent / "data" / "diagnose_benchmark_setup.json").read_text())
+    findings = judge(measured["measurements"])
+    assert not [f for f in findings if f.severity in ("warn", "error")], findings
+    diagnosis = Diagnosis("benchmark", measured["measurements"], findings)
+    assert diagnosis.verdict.startswith("distillation should help")
+    assert any(f.severity == "info" and "weak on truck" in f.message for f in findings)  # named, not held against it
