@@ -8,6 +8,8 @@ images, each in its own process (≈ 1.5 min on 2 cores).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -190,6 +192,9 @@ def test_read_curve_from_cumulative_time(tmp_path):
     header = "epoch,time,train/box_loss,metrics/mAP50(B),metrics/mAP50-95(B)\n"
     csv.write_text(header + "1,29.2,5.8,0,0\n2,60.5,4.1,0.1,0.05\n3,90.0,3.5,0.2,0.12\n")
     assert read_curve(csv) == {"epochs": 3, "time_per_epoch_s": 30.0, "map_per_epoch": [0, 0.05, 0.12]}
+    # resumed after epoch 2: Ultralytics' clock starts again (epoch 3 took 31 s, epoch 4 another 29 s)
+    csv.write_text(header + "1,29.2,5.8,0,0\n2,60.5,4.1,0.1,0.05\n3,31.0,3.5,0.2,0.12\n4,60.3,3.4,0.2,0.13\n")
+    assert read_curve(csv)["time_per_epoch_s"] == 30.2  # (60.5 + 31.0 + 29.3) / 4
 
 
 # report
@@ -278,3 +283,37 @@ def test_tiny_benchmark_runs_every_kind_of_method_reports_and_resumes(synth_data
     # nothing left: no run starts, no record is rewritten
     assert main(args) == 0
     assert "3 runs, 0 to do" in capsys.readouterr().out and record.stat().st_mtime_ns == stamp
+
+
+def test_a_run_cut_after_an_epoch_resumes_instead_of_starting_over(synth_data, tmp_path):
+    from ultralytics import YOLO
+
+    from detkd.benchmark.jobs import run_in_child
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        f"data: {{yaml: {synth_data}}}\nbudget: {{epochs: 2, imgsz: 64, batch: 8, workers: 0}}\n"
+        "methods: [{name: alone, kind: alone}]\n"
+    )
+    bench = Bench.prepare(load_profile(profile), tmp_path / "out")
+    job = bench.job(bench.profile.methods[0], 0)
+    run = Path(job.run_dir)
+    run.mkdir(parents=True)
+    (run / "job.json").write_text(json.dumps(asdict(job)))
+    model = YOLO(job.model)
+
+    def cut_after_first_epoch(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt  # what a killed process leaves: last.pt of epoch 1
+
+    model.add_callback("on_model_save", cut_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(**job.train)
+    (run / "bench.log").write_text("first part\n")
+
+    assert run_in_child(job) == 0
+    record = job.finished()
+    assert record is not None and record["epochs"] == 2
+    epochs = [line.split(",")[0].strip() for line in (run / "results.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]  # continued from epoch 2, not restarted
+    assert (run / "bench.log").read_text().startswith("first part\n")  # the log goes on too

@@ -171,14 +171,21 @@ def run_job(job: Job) -> dict:
 
 
 def _train(job: Job) -> Path:
-    if job.recipe is not None:
-        from detkd.engine import distill
-
-        return distill(load_recipe(None, job.recipe), **job.train)
     from ultralytics import YOLO
 
-    model = YOLO(job.model)
-    model.train(**job.train)
+    from detkd.engine import distill
+
+    run_dir = Path(job.run_dir)
+    if (run_dir / "weights" / "last.pt").is_file():  # kept by the parent: this very job, cut part-way
+        if job.recipe is not None:
+            return distill(resume=str(run_dir))
+        model = YOLO(str(run_dir / "weights" / "last.pt"))
+        model.train(resume=True)
+    elif job.recipe is not None:
+        return distill(load_recipe(None, job.recipe), **job.train)
+    else:
+        model = YOLO(job.model)
+        model.train(**job.train)
     return Path(model.trainer.best)
 
 
@@ -197,27 +204,42 @@ def _peak_memory() -> dict[str, Any]:
 
 
 def read_curve(results_csv: Path) -> dict[str, Any]:
-    """Epochs, seconds per epoch (Ultralytics' ``time`` column is cumulative) and mAP50-95 per epoch."""
+    """Epochs, seconds per epoch (Ultralytics' ``time`` column is cumulative, and starts again when a run resumes)
+    and mAP50-95 per epoch."""
     with open(results_csv, newline="") as f:
         rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
     if not rows:
         return {"epochs": 0, "time_per_epoch_s": None, "map_per_epoch": []}
     return {
         "epochs": len(rows),
-        "time_per_epoch_s": round(float(rows[-1]["time"]) / len(rows), 2),
+        "time_per_epoch_s": round(_seconds_spent([float(r["time"]) for r in rows]) / len(rows), 2),
         "map_per_epoch": [float(r["metrics/mAP50-95(B)"]) for r in rows],
     }
 
 
+def _seconds_spent(times: list[float]) -> float:
+    """The training time behind a cumulative ``time`` column whose clock restarts on resume."""
+    return sum(t - before if t >= before else t for before, t in zip([0.0, *times], times))
+
+
 def run_in_child(job: Job, threads: int | None = None) -> int:
-    """Run ``job`` in a fresh process, its output in ``run_dir/bench.log``; a half-done run is started over.
-    ``threads``: the CPU threads it may use (a share of the cores when runs go side by side)."""
+    """Run ``job`` in a fresh process, its output in ``run_dir/bench.log``. A run of this same job that was cut after
+    an epoch (its ``last.pt`` saved) resumes from there; anything else half-done is started over. ``threads``: the
+    CPU threads it may use (a share of the cores when runs go side by side)."""
     run_dir = Path(job.run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)  # Ultralytics would append to an old results.csv
-    run_dir.mkdir(parents=True)
-    job_file = save_json(asdict(job), run_dir / "job.json")
+    job_file = run_dir / "job.json"
+    resumable = (
+        job.train is not None
+        and (run_dir / "weights" / "last.pt").is_file()
+        and job_file.is_file()
+        and json.loads(job_file.read_text()) == json.loads(json.dumps(asdict(job)))
+    )
+    if not resumable:
+        shutil.rmtree(run_dir, ignore_errors=True)  # Ultralytics would append to an old results.csv
+        run_dir.mkdir(parents=True)
+        save_json(asdict(job), job_file)
     env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(run_dir / "bench.log", "w") as output:
+    with open(run_dir / "bench.log", "a" if resumable else "w") as output:
         command = [sys.executable, "-m", "detkd.benchmark", "run-one", str(job_file)]
         return subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env).returncode
 
