@@ -48,11 +48,35 @@ def students(synth_data, tmp_path_factory) -> tuple[Path, Path]:
     return _student(trained, root / "student.pt", seed=0), _student(trained, root / "other.pt", seed=1)
 
 
+@pytest.fixture(scope="module")
+def student_labels(students, synth_data) -> Path:
+    """The synthetic val set labelled with the student's own 5 best detections per image (a COCO json beside the
+    real one): the student scores a high AP on it, so an export that drifts loses AP visibly, where on the real
+    labels a 1-epoch model scores ~0 whatever it outputs."""
+    from ultralytics import YOLO
+
+    real = json.loads((synth_data.parent / "annotations" / "instances_val.json").read_text())
+    category = {c["name"]: c["id"] for c in real["categories"]}
+    yolo = YOLO(str(students[0]))
+    annotations = []
+    for image in real["images"]:
+        (result,) = yolo.predict(str(synth_data.parent / image["file_name"]), imgsz=64, conf=0.001, verbose=False)
+        for x0, y0, x1, y1, _, cls in result.boxes.data[:5].tolist():
+            box = [x0, y0, x1 - x0, y1 - y0]
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image["id"], "category_id": category[yolo.names[int(cls)]],
+                 "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            )  # fmt: skip
+    path = synth_data.parent / "annotations" / "student_val.json"
+    path.write_text(json.dumps({**real, "annotations": annotations}))
+    return path
+
+
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".torchscript")])
-def test_export_passes_parity_on_the_data(run_detkd, students, synth_data, tmp_path, fmt, suffix):
+def test_export_passes_parity_on_the_data(run_detkd, students, student_labels, tmp_path, fmt, suffix):
     student, _ = students
     out = tmp_path / "deploy" / f"student{suffix}"
-    proc = run_detkd("export", student, "--format", fmt, "--imgsz", 64, "--data", synth_data, "--out", out)
+    proc = run_detkd("export", student, "--format", fmt, "--imgsz", 64, "--data", student_labels, "--out", out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert out.is_file()
     report = json.loads((out.parent / f"student{suffix}.parity.json").read_text())
@@ -62,25 +86,26 @@ def test_export_passes_parity_on_the_data(run_detkd, students, synth_data, tmp_p
     assert report["top_detections"]["matched"] == 80
     assert report["boxes_px"]["max_abs_diff"] <= 1.0
     assert report["scores"]["max_abs_diff"] < 1e-3
-    assert abs(report["ap"]["difference"]) <= 0.002
+    assert report["ap"]["pytorch"] > 0.5 and abs(report["ap"]["difference"]) <= 0.002
     assert proc.stdout.strip().splitlines()[-1] == "parity: PASS"
 
 
-def test_export_of_another_model_fails_parity(run_detkd, students, tmp_path):
+def test_export_of_another_model_fails_parity(run_detkd, students, student_labels, tmp_path):
     from detkd.export import export_model
 
     student, other = students
     impostor = export_model(other, "onnx", imgsz=64, out=tmp_path / "student.onnx")  # the wrong file, renamed
-    proc = run_detkd("export", student, "--check", impostor, "--imgsz", 64)  # built-in synthetic scenes
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    verdict = proc.stdout.strip().splitlines()[-1]
-    assert verdict.startswith("parity: FAIL: ") and "top detections have no match" in verdict
-    report = json.loads((tmp_path / "student.onnx.parity.json").read_text())
-    assert not report["passed"] and report["images"]["source"] == "built-in synthetic scenes"
-    assert report["top_detections"]["matched"] < report["top_detections"]["compared"]
+    for data in ([], ["--data", student_labels]):  # built-in synthetic scenes; the data's val images with AP
+        proc = run_detkd("export", student, "--check", impostor, "--imgsz", 64, *data)
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        verdict = proc.stdout.strip().splitlines()[-1]
+        assert verdict.startswith("parity: FAIL: ") and "top detections have no match" in verdict
+        report = json.loads((tmp_path / "student.onnx.parity.json").read_text())
+        assert not report["passed"] and report["top_detections"]["matched"] < report["top_detections"]["compared"]
+    assert "COCO AP differs by -" in verdict  # the student scores AP 1 on its own labels, the impostor not
 
 
-def test_eval_of_the_onnx_export_equals_the_checkpoint(run_detkd, students, synth_data, tmp_path):
+def test_eval_of_the_onnx_export_equals_the_checkpoint(run_detkd, students, student_labels, tmp_path):
     from detkd.export import export_model
 
     student, _ = students
@@ -88,11 +113,11 @@ def test_eval_of_the_onnx_export_equals_the_checkpoint(run_detkd, students, synt
     metrics = {}
     for model in (student, onnx):
         out = tmp_path / f"{model.suffix[1:]}.json"
-        proc = run_detkd("eval", "--model", model, "--data", synth_data, "--imgsz", 64, "--out", out)
+        proc = run_detkd("eval", "--model", model, "--data", student_labels, "--imgsz", 64, "--out", out)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "AR100" in proc.stdout  # the same 12-number table
         metrics[model.suffix] = json.loads(out.read_text())
-    assert abs(metrics[".onnx"]["AP"] - metrics[".pt"]["AP"]) <= 0.002
+    assert metrics[".pt"]["AP"] > 0.5 and abs(metrics[".onnx"]["AP"] - metrics[".pt"]["AP"]) <= 0.002
     assert abs(metrics[".onnx"]["AP50"] - metrics[".pt"]["AP50"]) <= 0.002
 
 
