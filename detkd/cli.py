@@ -62,7 +62,7 @@ def _export(args) -> int:
         raise DetkdError("--half and --int8 exclude each other: choose one precision")
     precision = "fp16" if args.half else "int8" if args.int8 else "fp32"
     if args.check:
-        ignored = [flag for flag, on in (("--out", args.out), ("--dynamic", args.dynamic), ("--nms", args.nms)) if on]
+        ignored = [flag for flag, on in (("--out", args.out), ("--dynamic", args.dynamic)) if on]
         if ignored:
             raise DetkdError(f"--check {args.check} checks an existing export: {', '.join(ignored)} do not apply")
         exported = args.check
@@ -81,7 +81,7 @@ def _export(args) -> int:
         )
         print(f"export: {exported}")
     report, path = check_and_record(
-        args.model, exported, imgsz=args.imgsz, precision=precision, data=args.data, device=args.device
+        args.model, exported, imgsz=args.imgsz, precision=precision, data=args.data, device=args.device, nms=args.nms
     )
     print(json.dumps(report.to_json(), indent=1))
     print(f"parity report: {path}")
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="YOLO data .yaml or COCO json: parity on its val images with COCO AP of both")
     p.add_argument("--dynamic", action="store_true", help="dynamic input shape")
     p.add_argument("--batch", type=int, default=1, help="batch size of the export (default: %(default)s)")
-    p.add_argument("--nms", action="store_true", help="NMS inside the exported model")
+    p.add_argument("--nms", action="store_true", help="NMS inside the exported model (with --check: the export has it)")
     p.add_argument("--out", help="where the export goes (default: beside the checkpoint, Ultralytics' name)")
     p.add_argument("--device", default=None, help="cpu, 0 ... (default: cpu; TensorRT: 0)")
     p.add_argument("--check", metavar="EXPORT", help="do not export: check the parity of this existing export")

@@ -40,6 +40,9 @@ TOP_PER_IMAGE = 10  # the PyTorch detections compared per image, highest scores 
 SYNTHETIC_IMAGES = 8  # built-in scenes the check runs on when no data set is given
 # Ultralytics' validation settings (the ones AP is measured with), so that the check sees what evaluation sees
 _PREDICT = {"conf": 0.001, "iou": 0.7, "max_det": 300}
+# An export with NMS inside (--nms) keeps only scores above the exporter's default threshold: both sides are compared
+# at it, or every PyTorch detection below it would count as missing
+_PREDICT_NMS_INSIDE = {**_PREDICT, "conf": 0.25}
 
 
 def export_model(
@@ -129,6 +132,7 @@ class ParityReport:
     export: str
     precision: str
     imgsz: int
+    conf: float  # score threshold both sides predicted with
     images: str  # where the images came from
     image_count: int
     compared: int  # PyTorch top detections compared
@@ -180,6 +184,7 @@ class ParityReport:
             "export": self.export,
             "precision": self.precision,
             "imgsz": self.imgsz,
+            "conf": self.conf,
             "images": {"source": self.images, "count": self.image_count},
             "top_detections": {"compared": self.compared, "matched": self.matched, "per_image": TOP_PER_IMAGE},
             "boxes_px": {"max_abs_diff": self.box_max_px, "mean_abs_diff": self.box_mean_px},
@@ -200,9 +205,10 @@ def check_parity(
     precision: str = "fp32",
     data: str | os.PathLike | None = None,
     device: str | None = None,
+    nms: bool = False,
 ) -> ParityReport:
     """Compare ``exported`` with the PyTorch checkpoint ``model`` on the val images of ``data`` (with their COCO AP),
-    or on built-in synthetic scenes when no data is given."""
+    or on built-in synthetic scenes when no data is given; ``nms``: the export has NMS inside."""
     from detkd.evaluation import coco_evaluate, load_yolo_checkpoint, predict_ultralytics
     from detkd.ultralytics_internals import quiet_ultralytics
 
@@ -218,12 +224,13 @@ def check_parity(
             dataset = generate_split(scratch, "val", SYNTHETIC_IMAGES, cfg=SynthConfig(imgsz=imgsz))
             source = "built-in synthetic scenes"
         paths = [str(image.path) for image in dataset.images]
+        settings = _PREDICT_NMS_INSIDE if nms else _PREDICT
         with quiet_ultralytics():
             pairs, compared = [], 0
             for start in range(0, len(paths), 16):
                 chunk = paths[start : start + 16]
-                ours = reference.predict(chunk, imgsz=imgsz, device=device, verbose=False, **_PREDICT)
-                theirs = candidate.predict(chunk, imgsz=imgsz, device=device, verbose=False, **_PREDICT)
+                ours = reference.predict(chunk, imgsz=imgsz, device=device, verbose=False, **settings)
+                theirs = candidate.predict(chunk, imgsz=imgsz, device=device, verbose=False, **settings)
                 for a, b in zip(ours, theirs):
                     image_pairs, image_compared = match_top_detections(a.boxes, b.boxes)
                     pairs += image_pairs
@@ -231,7 +238,7 @@ def check_parity(
             ap = {}
             if data is not None:
                 for name, yolo in (("pytorch", reference), ("export", candidate)):
-                    detections = predict_ultralytics(yolo, dataset, imgsz=imgsz, device=device)
+                    detections = predict_ultralytics(yolo, dataset, imgsz=imgsz, device=device, **settings)
                     ap[name] = coco_evaluate(dataset, detections)["AP"]
     box_diffs = [box for box, _ in pairs]
     score_diffs = [score for _, score in pairs]
@@ -240,6 +247,7 @@ def check_parity(
         export=str(exported),
         precision=precision,
         imgsz=imgsz,
+        conf=settings["conf"],
         images=source,
         image_count=len(paths),
         compared=compared,
@@ -290,7 +298,8 @@ def check_and_record(
     precision: str = "fp32",
     data: str | os.PathLike | None = None,
     device: str | None = None,
+    nms: bool = False,
 ) -> tuple[ParityReport, Path]:
     """:func:`check_parity`, its report written to :func:`parity_path`; returns both."""
-    report = check_parity(model, exported, imgsz=imgsz, precision=precision, data=data, device=device)
+    report = check_parity(model, exported, imgsz=imgsz, precision=precision, data=data, device=device, nms=nms)
     return report, save_json(report.to_json(), parity_path(exported))

@@ -153,7 +153,8 @@ def test_top_detections_are_matched_by_class_and_iou():
 def test_reduced_precision_reports_its_drop_instead_of_failing():
     from detkd.export import ParityReport
 
-    common = dict(model="m.pt", export="m.onnx", imgsz=64, images="x", image_count=1, compared=10, matched=4)
+    common = dict(model="m.pt", export="m.onnx", imgsz=64, conf=0.001, images="x", image_count=1)
+    common.update(compared=10, matched=4)
     boxes = dict(box_max_px=3.0, box_mean_px=1.0, score_max=0.1, score_mean=0.01, ap_pytorch=0.5, ap_export=0.45)
     fp32, fp16 = ParityReport(precision="fp32", **common, **boxes), ParityReport(precision="fp16", **common, **boxes)
     assert not fp32.passed and len(fp32.failures) == 3
