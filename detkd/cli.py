@@ -36,9 +36,9 @@ def _data_convert(args) -> None:
 
 
 def _eval(args) -> None:
-    from detkd.evaluation import evaluate_checkpoint, format_table
+    from detkd.evaluation import default_eval_out, evaluate_checkpoint, format_table
 
-    out = args.out or str(Path("runs/eval") / Path(args.model).stem / "metrics.json")
+    out = args.out or str(default_eval_out(args.model))
     metrics = evaluate_checkpoint(
         args.model,
         args.data,
@@ -51,6 +51,42 @@ def _eval(args) -> None:
     )
     print(format_table({Path(args.model).stem: metrics}))
     print(f"metrics: {out}")
+
+
+def _export(args) -> int:
+    import json
+
+    from detkd.export import check_and_record, export_model
+
+    if args.half and args.int8:
+        raise DetkdError("--half and --int8 exclude each other: choose one precision")
+    precision = "fp16" if args.half else "int8" if args.int8 else "fp32"
+    if args.check:
+        ignored = [flag for flag, on in (("--out", args.out), ("--dynamic", args.dynamic)) if on]
+        if ignored:
+            raise DetkdError(f"--check {args.check} checks an existing export: {', '.join(ignored)} do not apply")
+        exported = args.check
+    else:
+        exported = export_model(
+            args.model,
+            format=args.format,
+            imgsz=args.imgsz,
+            precision=precision,
+            data=args.data,
+            dynamic=args.dynamic,
+            batch=args.batch,
+            nms=args.nms,
+            out=args.out,
+            device=args.device,
+        )
+        print(f"export: {exported}")
+    report, path = check_and_record(
+        args.model, exported, imgsz=args.imgsz, precision=precision, data=args.data, device=args.device, nms=args.nms
+    )
+    print(json.dumps(report.to_json(), indent=1))
+    print(f"parity report: {path}")
+    print(report.summary())
+    return 0 if report.passed else 1
 
 
 def _train(args) -> None:
@@ -181,8 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help=images_help)
     p.set_defaults(func=_data_convert)
 
-    p = sub.add_parser("eval", help="COCO mAP (12-number table) of an Ultralytics or detkd torchvision checkpoint")
-    p.add_argument("--model", required=True, help="Ultralytics checkpoint or detkd torchvision teacher (.pt)")
+    p = sub.add_parser("export", help="export a checkpoint (ONNX, TorchScript, OpenVINO, TensorRT) and check parity")
+    p.add_argument("model", help="Ultralytics checkpoint (.pt)")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "openvino", "engine"))
+    p.add_argument("--imgsz", type=int, default=640, help="input size of the export (default: %(default)s)")
+    p.add_argument("--half", action="store_true", help="fp16 export (its AP drop is reported, not judged)")
+    p.add_argument("--int8", action="store_true", help="int8 export calibrated on --data (AP drop reported)")
+    p.add_argument("--data", help="YOLO data .yaml or COCO json: parity on its val images with COCO AP of both")
+    p.add_argument("--dynamic", action="store_true", help="dynamic input shape")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the export (default: %(default)s)")
+    p.add_argument("--nms", action="store_true", help="NMS inside the exported model (with --check: the export has it)")
+    p.add_argument("--out", help="where the export goes (default: beside the checkpoint, Ultralytics' name)")
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: cpu; TensorRT: 0)")
+    p.add_argument("--check", metavar="EXPORT", help="do not export: check the parity of this existing export")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="COCO mAP (12-number table) of a checkpoint or an exported model")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Ultralytics checkpoint (.pt), detkd torchvision teacher (.pt) or export (.onnx, .torchscript, "
+        "_openvino_model/)",
+    )
     p.add_argument("--data", required=True, help="YOLO data .yaml or COCO instances .json")
     p.add_argument("--imgsz", type=int, default=640, help="inference size (default: %(default)s)")
     p.add_argument("--out", help="metrics JSON (default: runs/eval/<model>/metrics.json); detections go beside it")

@@ -202,10 +202,32 @@ def _to_coco_results(image_id: int, xyxy, scores, classes, mapping: Mapping[int,
             }
 
 
-def load_yolo_checkpoint(path: str | os.PathLike):
-    """``YOLO(path)`` for a local checkpoint, with one-line errors instead of a download attempt or a traceback.
+# Exported models ``YOLO(path)`` runs through Ultralytics' AutoBackend, by file suffix (OpenVINO: a folder)
+EXPORT_SUFFIXES = {".onnx": "ONNX", ".torchscript": "TorchScript", ".engine": "TensorRT"}
+OPENVINO_FOLDER = "_openvino_model"
 
-    Loading is restricted to what Ultralytics checkpoints hold (see :mod:`detkd.safe_load`)."""
+
+def is_exported_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an exported model (``.onnx``, ``.torchscript``, ``.engine``, ``*_openvino_model/``)."""
+    path = Path(path)
+    return path.suffix in EXPORT_SUFFIXES or path.name.endswith(OPENVINO_FOLDER)
+
+
+def load_yolo_checkpoint(path: str | os.PathLike):
+    """``YOLO(path)`` for a local checkpoint or exported model, with one-line errors instead of a download attempt
+    or a traceback.
+
+    A ``.pt`` checkpoint is a pickle: loading it is restricted to what Ultralytics checkpoints hold (see
+    :mod:`detkd.safe_load`). Exported models are not pickles and that allow-list does not apply to them; what
+    loading one means:
+
+    - ``.onnx``: a graph of ONNX operators that ONNX Runtime executes; it runs no code of its own.
+    - ``*_openvino_model/``: an OpenVINO IR (graph xml, weights bin, metadata yaml read as plain YAML).
+    - ``.torchscript``: a serialised TorchScript *program* that ``torch.jit.load`` compiles and runs. It cannot run
+      arbitrary Python, but it is code all the same (any TorchScript operator, with the file's author choosing
+      which): load only files whose origin you trust, as you would a script.
+    - ``.engine``: a TensorRT engine, native code built for one GPU and TensorRT version; trust it as a binary.
+    """
     from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
@@ -214,7 +236,9 @@ def load_yolo_checkpoint(path: str | os.PathLike):
     path = Path(path)
     if path.suffix in {".yaml", ".yml"}:
         raise DetkdError(f"{path}: a model config has no trained weights; give a checkpoint (.pt)")
-    if not path.is_file():
+    if path.name.endswith(OPENVINO_FOLDER) and not path.is_dir():
+        raise DetkdError(f"{path}: OpenVINO model folder not found")
+    if not path.name.endswith(OPENVINO_FOLDER) and not path.is_file():
         raise DetkdError(f"{path}: checkpoint not found (detkd never downloads weights: give a local file)")
     try:
         return YOLO(str(path))
@@ -222,7 +246,16 @@ def load_yolo_checkpoint(path: str | os.PathLike):
         raise
     except Exception as e:  # torch.load / unpickling / format errors: a foreign or damaged file
         first_line = next((line for line in str(e).splitlines() if line.strip()), "")
-        raise DetkdError(f"{path}: not an Ultralytics checkpoint ({type(e).__name__}: {first_line})") from e
+        kind = "an exported YOLO model" if is_exported_model(path) else "an Ultralytics checkpoint"
+        raise DetkdError(f"{path}: not {kind} ({type(e).__name__}: {first_line})") from e
+
+
+def default_eval_out(model: str | os.PathLike) -> Path:
+    """``runs/eval/<name>/metrics.json``: ``best`` for ``best.pt``, ``best_onnx`` for ``best.onnx``, so that a
+    checkpoint and its exports do not overwrite each other's metrics."""
+    path = Path(model)
+    name = path.name.replace(".", "_") if is_exported_model(path) else path.stem
+    return Path("runs/eval") / name / "metrics.json"
 
 
 def evaluate_checkpoint(
@@ -235,10 +268,10 @@ def evaluate_checkpoint(
     batch: int = 16,
     device: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate a checkpoint (Ultralytics, or a detkd torchvision teacher) on a COCO json or YOLO data yaml; write
-    metrics and detections.
+    """Evaluate a checkpoint (Ultralytics, or a detkd torchvision teacher) or an exported model (see
+    :func:`load_yolo_checkpoint`) on a COCO json or YOLO data yaml; write metrics and detections.
 
-    Metrics go to ``out`` (default ``runs/eval/<model stem>/metrics.json``), detections beside it as
+    Metrics go to ``out`` (default :func:`default_eval_out`), detections beside it as
     ``<out stem>.detections.json``, ready for ``COCO.loadRes``.
     """
     from detkd.data import load_data
@@ -246,7 +279,7 @@ def evaluate_checkpoint(
     dataset = load_data(data, split=split, images_dir=images_dir)
     detections = predict_checkpoint(model, dataset, imgsz=imgsz, batch=batch, device=device)
     metrics = coco_evaluate(dataset, detections)
-    out = Path(out) if out else Path("runs/eval") / Path(model).stem / "metrics.json"
+    out = Path(out) if out else default_eval_out(model)
     save_json(detections, out.with_name(out.stem + ".detections.json"))
     save_json({"model": str(model), "data": str(data), "split": split, "imgsz": imgsz, **metrics}, out)
     return metrics
