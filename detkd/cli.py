@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=200, help="val images to score the teacher on (default: 200)")
     p.add_argument("--device", default=None, help="cpu, 0 ... (default: cpu)")
     p.add_argument("--out", help="also write the diagnosis (findings and every number) as JSON")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_diagnose)
 
     p = sub.add_parser("transfer", help="initialise a student's weights from another model")

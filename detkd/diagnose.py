@@ -85,9 +85,9 @@ class Diagnosis:
 def _run_verdict(m: dict, errors: list[Finding], warnings: list[Finding]) -> str:
     if errors:
         return "the run has a problem to fix (marked ✗)"
-    if m.get("baseline_map") is None:
+    if m.get("gain") is None:
         return "no run of the student alone to compare with (give --baseline RUN_DIR)"
-    gain = m["final_map"] - m["baseline_map"]
+    gain = m["gain"]
     return f"distillation {'helped' if gain > 0 else 'did not help'}: {gain:+.4f} mAP50-95 over the student alone"
 
 
@@ -331,7 +331,9 @@ def measure_recipe(
         raise DetkdError("recipe: diagnose needs 'teacher' and 'data' (give teacher=T.pt data=DATA.yaml)")
     check_dataset(recipe.data).raise_if_errors()
     cfg = get_cfg(overrides={k: v for k, v in recipe.train.items() if k not in ("model", "data")})
-    dev = torch.device(device if device not in (None, "") else "cpu")
+    from ultralytics.utils.torch_utils import select_device
+
+    dev = select_device(device or "cpu", verbose=False)  # "0", "cuda:0", "cpu" as everywhere in Ultralytics
     imgsz = int(cfg.imgsz)
     data = check_det_dataset(str(recipe.data))
     names = dict(data["names"])
@@ -388,9 +390,11 @@ def measure_recipe(
     sums: dict[str, list[float]] = {}
     feats: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
     generator = torch.Generator().manual_seed(0)
+    measured = 0
     for i, batch in enumerate(loader):
         if i == batches:
             break
+        measured += 1
         batch = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in batch.items()}
         batch["img"] = batch["img"].float() / 255
         preds = student(batch["img"])
@@ -411,7 +415,7 @@ def measure_recipe(
     m["balance"] = {
         "task": task_value,
         "task_gradient": task_grad,
-        "batches": len(next(iter(sums.values()), [])) if sums else 0,
+        "batches": measured,
         "terms": {
             name: {
                 "value": (value := sum(v for v, _ in rows) / len(rows)),
@@ -455,9 +459,10 @@ def diagnose_recipe(
         recipe = load_recipe(recipe, overrides)
     else:
         subject = "recipe"
+    from detkd.safe_load import trust_checkpoints
     from detkd.ultralytics_internals import quiet_ultralytics
 
-    with quiet_ultralytics():
+    with quiet_ultralytics(), trust_checkpoints(recipe.trust_checkpoints):
         m = measure_recipe(recipe, baseline=baseline, batches=batches, images=images, device=device)
     findings = judge(m)
     if m.get("setup_error") and not any(f.severity == "error" for f in findings):
@@ -520,7 +525,8 @@ def diagnose_run(run_dir: str | os.PathLike, baseline: str | os.PathLike | None 
     base_dir = Path(baseline) if baseline else _sibling_alone(run_dir)
     if base_dir is not None and (base_dir / "results.csv").is_file():
         base = read_results(base_dir / "results.csv")[MAP_COLUMN]
-        m.update(baseline=str(base_dir), baseline_map=base[-1])
+        n = min(len(curve), len(base))  # runs of other lengths compare at the epoch both reached
+        m.update(baseline=str(base_dir), baseline_map=base[n - 1], gain=curve[n - 1] - base[n - 1])
         findings.append(_compare_curves(curve, base))
     elif baseline:
         raise DetkdError(f"{baseline}: not a training run (no results.csv)")

@@ -224,7 +224,7 @@ class Distiller(nn.Module):
         if self.cfg.logit.weight > 0 or self.cfg.box.weight > 0:
             t_cls = t.cls_logits.float().detach()[..., self.teacher_classes]
             s_cls = s.cls_logits.float()[..., self.student_classes]
-            locations = {}  # per location kind, computed once when logit and box terms share it
+            locations = {}  # per location kind (and the gate), computed once when logit and box terms share it
 
             def where(c, box: bool) -> Tensor:
                 """The term's weight per anchor: its locations, times the teacher-better gate when it has one."""
@@ -234,7 +234,10 @@ class Distiller(nn.Module):
                     return locations[c.locations]
                 if assigned is None:
                     raise DetkdError("recipe: 'gate: teacher_better' needs the student's assigner, which is missing")
-                better = teacher_better_classes(s_cls, t_cls, assigned.scores[..., self.student_classes])
+                if "better" not in locations:  # shared by the logit and box gates
+                    targets = assigned.scores[..., self.student_classes]
+                    locations["better"] = teacher_better_classes(s_cls, t_cls, targets)
+                better = locations["better"]
                 if box:  # at positives the box decides; elsewhere (no target box) the class scores do
                     boxes = teacher_better_boxes(s.boxes_xyxy(pixels=True), t.boxes_xyxy(pixels=True), assigned.boxes)
                     better = torch.where(assigned.fg_mask, boxes, better)

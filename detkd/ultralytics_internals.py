@@ -234,6 +234,12 @@ def load_checkpoint_file(path, map_location=None, **kwargs):
     return safe_load.load(path, checkpoint_global, map_location=map_location, **kwargs)
 
 
+def training_finished(last: Path) -> bool:
+    """Whether the run that wrote ``last.pt`` ended (all epochs, or stopped early by ``patience``/``time``): when
+    training ends, ``strip_optimizer`` sets the checkpoint's ``epoch`` to -1, and Ultralytics refuses to resume it."""
+    return load_checkpoint_file(last).get("epoch") == -1
+
+
 def checkpoint_dict(model: nn.Module, train_args: dict, **extra) -> dict:
     """A checkpoint that ``YOLO(path)`` loads and trains from, with the keys of ``BaseTrainer.save_model`` that
     matter for that: the model in half precision, ``epoch`` -1 (no training state to resume), ``train_args``, the

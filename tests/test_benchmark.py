@@ -317,3 +317,9 @@ def test_a_run_cut_after_an_epoch_resumes_instead_of_starting_over(synth_data, t
     epochs = [line.split(",")[0].strip() for line in (run / "results.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2"]  # continued from epoch 2, not restarted
     assert (run / "bench.log").read_text().startswith("first part\n")  # the log goes on too
+
+    # cut after training ended (before its record was written): evaluated again, not trained again
+    (run / "run.json").unlink()
+    stamp = (run / "results.csv").stat().st_mtime_ns
+    assert run_in_child(job) == 0 and job.finished() is not None
+    assert (run / "results.csv").stat().st_mtime_ns == stamp

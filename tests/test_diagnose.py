@@ -190,6 +190,8 @@ def test_a_run_that_led_then_fell_behind_names_the_epoch(tmp_path):
     assert "ahead of the student alone until epoch 3 of 5" in messages
     assert "kd_cls fell from 2 to 0.7" in messages
     assert diagnosis.verdict == "distillation did not help: -0.0500 mAP50-95 over the student alone"
+    shorter = diagnose_run(_results(tmp_path / "short_s0", [0.2, 0.3, 0.35], kd=[2.0, 1.5, 1.0]), tmp_path / "alone_s0")
+    assert shorter.verdict == "distillation helped: +0.0500 mAP50-95 over the student alone"  # at epoch 3 of both
 
 
 def test_a_run_whose_terms_did_not_fall_and_cli(tmp_path):

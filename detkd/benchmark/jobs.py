@@ -174,12 +174,16 @@ def _train(job: Job) -> Path:
     from ultralytics import YOLO
 
     from detkd.engine import distill
+    from detkd.ultralytics_internals import training_finished
 
     run_dir = Path(job.run_dir)
-    if (run_dir / "weights" / "last.pt").is_file():  # kept by the parent: this very job, cut part-way
+    last = run_dir / "weights" / "last.pt"
+    if last.is_file() and training_finished(last):  # kept by the parent: this job, cut after training ended
+        return run_dir / "weights" / "best.pt"
+    if last.is_file():  # kept by the parent: this very job, cut part-way
         if job.recipe is not None:
             return distill(resume=str(run_dir))
-        model = YOLO(str(run_dir / "weights" / "last.pt"))
+        model = YOLO(str(last))
         model.train(resume=True)
     elif job.recipe is not None:
         return distill(load_recipe(None, job.recipe), **job.train)
@@ -235,7 +239,7 @@ def run_in_child(job: Job, threads: int | None = None) -> int:
         and json.loads(job_file.read_text()) == json.loads(json.dumps(asdict(job)))
     )
     if not resumable:
-        shutil.rmtree(run_dir, ignore_errors=True)  # Ultralytics would append to an old results.csv
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing of another job's run (weights, logs) may be taken
         run_dir.mkdir(parents=True)
         save_json(asdict(job), job_file)
     env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -3,8 +3,8 @@ continues a killed run."""
 
 from __future__ import annotations
 
-import csv
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,21 +74,22 @@ def _distill_chain(recipe: Recipe) -> Path:
         train = {**recipe.train, "name": f"{name}_assistant{i}", "exist_ok": True}
         stage = replace(recipe, chain=[], student=assistant, teacher=teacher, train=train)
         run = get_save_dir(get_cfg(overrides={**train, "task": "detect", "mode": "train"}))
-        state = _stage_state(run, stage, get_cfg(overrides=train).epochs)
+        state = _stage_state(run, stage)
+        if state is None:
+            shutil.rmtree(run, ignore_errors=True)  # another recipe's run: nothing of it may be resumed
         teacher = str(run / "weights" / "best.pt" if state == "done" else resume(run) if state else distill(stage))
     return distill(replace(recipe, chain=[], teacher=teacher))
 
 
-def _stage_state(run: Path, stage: Recipe, epochs: int) -> str | None:
-    """``done`` when ``run`` finished ``stage`` (same recipe, every epoch in results.csv), ``cut`` when it was
-    killed part-way, None when it has not run with this recipe."""
-    saved = run / "distill.yaml"
-    if not saved.is_file() or load_recipe(saved).to_dict() != stage.to_dict():
+def _stage_state(run: Path, stage: Recipe) -> str | None:
+    """``done`` when ``run`` finished ``stage`` (same recipe, training ended), ``cut`` when it was killed after an
+    epoch, None when it has not run with this recipe."""
+    from detkd.ultralytics_internals import training_finished
+
+    saved, last = run / "distill.yaml", run / "weights" / "last.pt"
+    if not saved.is_file() or not last.is_file() or load_recipe(saved).to_dict() != stage.to_dict():
         return None
-    rows = (run / "results.csv").read_text().splitlines() if (run / "results.csv").is_file() else []
-    if len(list(csv.reader(rows))) - 1 >= epochs and (run / "weights" / "best.pt").is_file():
-        return "done"
-    return "cut" if (run / "weights" / "last.pt").is_file() else None
+    return "done" if training_finished(last) else "cut"
 
 
 def resume(run: str | os.PathLike, **overrides) -> Path:

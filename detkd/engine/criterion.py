@@ -12,11 +12,12 @@ import torch
 
 from detkd import ultralytics_internals as internals
 from detkd.adapters.ultralytics import UltralyticsAdapter
+from detkd.adapters.view import DetectorAdapter
 from detkd.distiller import Distiller
 
 
 class DistillationCriterion:
-    def __init__(self, task, student: UltralyticsAdapter, teacher: UltralyticsAdapter, distiller: Distiller):
+    def __init__(self, task, student: UltralyticsAdapter, teacher: DetectorAdapter, distiller: Distiller):
         self.task = task  # Ultralytics' criterion (v8DetectionLoss, E2ELoss, ...)
         self.student = student
         self.teacher = teacher
