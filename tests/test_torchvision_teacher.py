@@ -38,7 +38,9 @@ def test_view_levels_line_up_with_the_letterboxed_input():
     assert [tuple(f.shape[-2:]) for f in view.backbone_feats] == [(64 // s, 96 // s) for s in (4, 8, 16, 32)]
     assert view.cls_logits is None and view.box_ltrb is None and not teacher.dense_head
     anchors_per_cell = teacher.model.rpn.anchor_generator.num_anchors_per_location()[0]
-    assert [tuple(o.shape) for o in view.objectness] == [(2, anchors_per_cell, *f.shape[-2:]) for f in view.feats]
+    assert [tuple(o.shape) for o in teacher.objectness(view)] == [
+        (2, anchors_per_cell, *f.shape[-2:]) for f in view.feats
+    ]
 
     # the teacher's normalisation is applied: its features equal its backbone on normalised pixels
     mean = torch.tensor(teacher.model.transform.image_mean).view(1, 3, 1, 1)

@@ -132,17 +132,21 @@ class TorchvisionAdapter:
         return OrderedDict(), levels if isinstance(levels, dict) else OrderedDict([("0", levels)])
 
     def view(self, preds: tuple[OrderedDict[str, Tensor], OrderedDict[str, Tensor]]) -> DetectorView:
-        """The view of :meth:`_features`' output: both feature sets and the RPN's objectness on the levels."""
+        """The view of :meth:`_features`' output: both feature sets (the RPN's objectness on demand:
+        :meth:`objectness`, so that a training step does not pay for what no term reads)."""
         stages, levels = preds
-        objectness, _ = self.model.rpn.head(list(levels.values()))
         return DetectorView(
             feats=list(levels.values()),
             strides=self.strides,
             names=self.names,
             backbone_feats=list(stages.values()) or None,
             backbone_strides=self.backbone_strides or None,
-            objectness=objectness,
         )
+
+    @torch.no_grad()
+    def objectness(self, view: DetectorView) -> list[Tensor]:
+        """The RPN's class-agnostic objectness on the view's levels: (N, anchors per cell, H, W) raw logits each."""
+        return self.model.rpn.head(view.feats)[0]
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> DetectorView:

@@ -15,7 +15,7 @@ class DetectorView:
 
     Dense outputs are flattened over the feature levels in ``strides`` order (P3 then P4 then P5), one row per
     anchor point, as Ultralytics' criterion sees them. A detector without dense outputs (a two-stage teacher) leaves
-    them ``None`` and offers features (and what else it has: backbone stages, RPN objectness) only.
+    them ``None`` and offers features (and backbone stages) only.
     """
 
     feats: list[Tensor]  # (N, C, H, W) per neck level, strides 8/16/32 (an FPN: 4 ... 64)
@@ -28,7 +28,6 @@ class DetectorView:
     stride_tensor: Tensor | None = None  # (A, 1)
     backbone_feats: list[Tensor] | None = None  # (N, C, H, W) per backbone stage feeding the neck (ResNet C2-C5)
     backbone_strides: list[int] | None = None
-    objectness: list[Tensor] | None = None  # (N, anchors per cell, H, W) raw RPN logits per neck level
 
     @property
     def reg_max(self) -> int:
