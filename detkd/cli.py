@@ -122,7 +122,8 @@ def _video(args) -> int:
         device=args.device,
     )
     print(summary.format())
-    for label, path in (("video", args.out), ("detections", args.jsonl), ("summary", summary_path(args.out, args.jsonl))):
+    outputs = (("video", args.out), ("detections", args.jsonl), ("summary", summary_path(args.out, args.jsonl)))
+    for label, path in outputs:
         if path:
             print(f"{label}: {path}")
     return 130 if summary.interrupted else 0

@@ -321,7 +321,8 @@ class VideoSummary:
             f"{c.skipped} skipped (--vid-stride), {c.dropped} dropped (stale, live source), {c.unreadable} unreadable"
         ]
         if c.examples:
-            lines.append(f"unreadable: {', '.join(map(str, c.examples))}{' ...' if c.unreadable > len(c.examples) else ''}")
+            more = " ..." if c.unreadable > len(c.examples) else ""
+            lines.append(f"unreadable: {', '.join(map(str, c.examples))}{more}")
         table = self.stage_table()
         if table:
             lines.append(f"{'stage':<12}{'p50 ms':>9}{'p95 ms':>9}")
