@@ -129,6 +129,19 @@ def _video(args) -> int:
     return 130 if summary.interrupted else 0
 
 
+def _speed(args) -> None:
+    from detkd.speed import measure_speed, speed_json, speed_table
+    from detkd.utils import save_json
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise DetkdError(f"--batch {args.batch}: expected batch sizes separated by commas (1,8)") from None
+    rows = [measure_speed(m, args.imgsz, batches, args.device, args.frames) for m in args.models]
+    print(speed_table(rows, args.imgsz))
+    print(f"speed: {save_json(speed_json(rows, args.imgsz, batches, args.frames), args.out)}")
+
+
 def _train(args) -> None:
     from detkd.engine import distill
 
@@ -310,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_video)
+
+    p = sub.add_parser("speed", help="latency and throughput of checkpoints and exports, side by side")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints (.pt) and exports (.onnx, ...)")
+    p.add_argument("--imgsz", type=int, default=640, help="input size (default: %(default)s)")
+    p.add_argument("--batch", default="1,8", help="latency at the first, throughput at the last (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
+    p.add_argument("--frames", type=int, default=100, help="timed calls at batch 1 (default: %(default)s)")
+    p.add_argument("--out", default="runs/speed/speed.json", help="JSON of every number (default: %(default)s)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=_speed)
     return parser
 
 

@@ -413,3 +413,11 @@ def prediction_backend(yolo, image, imgsz: int, device=None) -> tuple[nn.Module,
     yolo.predict(image, imgsz=imgsz, device=device, verbose=False)
     predictor = yolo.predictor
     return predictor.model, predictor.preprocess([image])
+
+
+def fixed_batch(backend) -> int | None:
+    """The batch an export is fixed to (its metadata ``batch``, ``dynamic`` false), which ``AutoBackend`` runs a
+    larger batch in chunks of; None for PyTorch models and dynamic exports."""
+    if backend.format == "pt" or backend.metadata.get("dynamic"):
+        return None
+    return int(backend.batch)
