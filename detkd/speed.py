@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detkd.errors import DetkdError
+from detkd.errors import DetkdError, first_line
 
 
 @dataclass
@@ -87,8 +87,8 @@ def measure_speed(
         try:
             backend, tensor = prediction_backend(yolo, image, imgsz, device)
         except Exception as e:  # a fixed-size export at another size, a device the runtime lacks
-            first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise DetkdError(f"{path}: cannot run at imgsz {imgsz} on {device or 'the default device'}: {first_line}")
+            where = device or "the default device"
+            raise DetkdError(f"{path}: cannot run at imgsz {imgsz} on {where}: {first_line(e)}") from e
         cuda = backend.device.type == "cuda"
         synchronize = torch.cuda.synchronize if cuda else lambda: None
         latency = _timed(lambda: backend(tensor), frames, synchronize)

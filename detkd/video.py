@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from detkd.data.yolo import IMG_FORMATS
-from detkd.errors import DetkdError
+from detkd.errors import DetkdError, first_line
 from detkd.utils import save_json
 
 LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
@@ -410,8 +410,7 @@ def run_video(
                 try:
                     (result,) = call(frame.image, **settings)
                 except Exception as e:  # a model that does not run on these frames (input size, device, format)
-                    first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-                    raise DetkdError(f"{model}: inference failed on frame {frame.index}: {first_line}") from e
+                    raise DetkdError(f"{model}: inference failed on frame {frame.index}: {first_line(e)}") from e
                 draw_start = time.perf_counter()
                 annotated = result.plot() if out is not None else None
                 if out is not None and writer is None:
