@@ -100,6 +100,9 @@ def open_source(source: str | os.PathLike | int, stride: int = 1, live: bool | N
         raise DetkdError(f"--vid-stride must be at least 1 (got {stride})")
     spec = str(source)
     counts = SourceCounts()
+    # FFmpeg's own log lines (a damaged packet, a missing index) would bury the progress bar and the one-line error:
+    # what they report is counted here instead. Read by OpenCV when it first opens a capture; a user's value wins.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     if spec.isdigit() or spec.startswith(LIVE_PREFIXES):
         name = f"camera {spec}" if spec.isdigit() else spec
         cap = cv2.VideoCapture(int(spec) if spec.isdigit() else spec)
