@@ -58,8 +58,8 @@ def test_synth_video_writes_footage_with_matching_ground_truth(run_detkd, tmp_pa
     rows = [[float(v) for v in line.split(",")] for line in (tmp_path / "clip.gt.txt").read_text().splitlines()]
     assert {int(r[0]) for r in rows} <= set(range(1, 31)) and len(rows) == len(coco["annotations"])
     tracks: dict[int, list] = {}
-    for frame, track_id, x, y, w, h, consider, cls, visibility in rows:
-        assert 0 <= x and x + w <= 96 and 0 <= y and y + h <= 96 and w > 0 and h > 0
+    for frame, track_id, x, y, w, h, consider, _cls, visibility in rows:
+        assert x >= 0 and y >= 0 and x + w <= 96 and y + h <= 96 and w > 0 and h > 0
         assert consider == (visibility >= 0.45)
         tracks.setdefault(int(track_id), []).append((int(frame), x, y, w, h, visibility))
     moving = [t for t in tracks.values() if len({(x, y) for _, x, y, *_ in t}) > 5]
