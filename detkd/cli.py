@@ -13,6 +13,23 @@ from detkd.safe_load import TRUST_HELP, trust_checkpoints
 def _synth(args) -> None:
     from detkd.data.synth import SynthConfig, generate_synthetic
 
+    if args.video:
+        from detkd.data.footage import write_footage
+
+        if args.out or args.train is not None or args.val is not None:
+            raise DetkdError("--video writes footage: --out, --train and --val apply to scene sets")
+        frames = 300 if args.frames is None else args.frames
+        fps = 15.0 if args.fps is None else args.fps
+        paths = write_footage(args.video, frames=frames, imgsz=args.imgsz, fps=fps, seed=args.seed)
+        for label, path in zip(("video", "COCO", "MOT gt"), paths):
+            print(f"{label}: {path}")
+        return
+    if not args.out:
+        raise DetkdError("give --out DIR (a scene set) or --video OUT.mp4 (footage)")
+    if args.frames is not None or args.fps is not None:
+        raise DetkdError("--frames and --fps apply to footage (--video)")
+    args.train = 1000 if args.train is None else args.train
+    args.val = 200 if args.val is None else args.val
     data_yaml = generate_synthetic(
         args.out, train=args.train, val=args.val, seed=args.seed, cfg=SynthConfig(imgsz=args.imgsz)
     )
@@ -87,6 +104,42 @@ def _export(args) -> int:
     print(f"parity report: {path}")
     print(report.summary())
     return 0 if report.passed else 1
+
+
+def _video(args) -> int:
+    from detkd.video import run_video, summary_path
+
+    summary = run_video(
+        args.source,
+        args.model,
+        out=args.out,
+        jsonl=args.jsonl,
+        track=args.tracker if args.track else None,
+        imgsz=args.imgsz,
+        conf=args.conf,
+        classes=args.classes,
+        vid_stride=args.vid_stride,
+        device=args.device,
+    )
+    print(summary.format())
+    outputs = (("video", args.out), ("detections", args.jsonl), ("summary", summary_path(args.out, args.jsonl)))
+    for label, path in outputs:
+        if path:
+            print(f"{label}: {path}")
+    return 130 if summary.interrupted else 0
+
+
+def _speed(args) -> None:
+    from detkd.speed import measure_speed, speed_json, speed_table
+    from detkd.utils import save_json
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise DetkdError(f"--batch {args.batch}: expected batch sizes separated by commas (1,8)") from None
+    rows = [measure_speed(m, args.imgsz, batches, args.device, args.frames) for m in args.models]
+    print(speed_table(rows, args.imgsz))
+    print(f"speed: {save_json(speed_json(rows, args.imgsz, batches, args.frames), args.out)}")
 
 
 def _train(args) -> None:
@@ -195,10 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for --help; its own options are parsed by detkd.benchmark (see main below)
     sub.add_parser("benchmark", help="compare methods at one budget: detkd benchmark --profile quick|cpu|gpu ...")
 
-    p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=int, default=1000, help="training images (default: %(default)s)")
-    p.add_argument("--val", type=int, default=200, help="validation images (default: %(default)s)")
+    p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats) or footage (MP4)")
+    p.add_argument("--out", help="output folder of a scene set")
+    p.add_argument("--train", type=int, default=None, help="training images (default: 1000)")
+    p.add_argument("--val", type=int, default=None, help="validation images (default: 200)")
+    p.add_argument(
+        "--video", help="write footage instead: moving traffic as an MP4, with <stem>.coco.json and <stem>.gt.txt"
+    )
+    p.add_argument("--frames", type=int, default=None, help="footage length in frames (default: 300)")
+    p.add_argument("--fps", type=float, default=None, help="footage frame rate (default: 15)")
     p.add_argument("--imgsz", type=int, default=160, help="image side in pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the set is a pure function of the seed (default: %(default)s)")
     p.set_defaults(func=_synth)
@@ -250,6 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, 0, 0,1 ... (default: Ultralytics' choice)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("video", help="detect (and track) on a video, frame folder, camera or stream; annotated MP4")
+    p.add_argument("source", help="video file, folder of frames, camera index (0) or RTSP/HTTP URL")
+    p.add_argument("--model", required=True, help="Ultralytics checkpoint (.pt) or export (.onnx, .torchscript, ...)")
+    p.add_argument("--out", help="annotated MP4 (boxes, class, score, track id)")
+    p.add_argument("--jsonl", help="detections, one JSON line per frame")
+    p.add_argument("--track", action="store_true", help="track objects across frames (ids in the MP4 and JSONL)")
+    p.add_argument("--tracker", default="bytetrack", choices=("bytetrack", "botsort"), help="(default: %(default)s)")
+    p.add_argument("--imgsz", type=int, default=640, help="inference size (default: %(default)s)")
+    p.add_argument("--conf", type=float, default=None, help="score threshold (default: 0.25; 0.1 with --track)")
+    p.add_argument("--classes", nargs="+", help="keep only these classes (indices or names)")
+    p.add_argument("--vid-stride", type=int, default=1, help="process every N-th frame (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=_video)
+
+    p = sub.add_parser("speed", help="latency and throughput of checkpoints and exports, side by side")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="checkpoints (.pt) and exports (.onnx, ...)")
+    p.add_argument("--imgsz", type=int, default=640, help="input size (default: %(default)s)")
+    p.add_argument("--batch", default="1,8", help="latency at the first, throughput at the last (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
+    p.add_argument("--frames", type=int, default=100, help="timed calls at batch 1 (default: %(default)s)")
+    p.add_argument("--out", default="runs/speed/speed.json", help="JSON of every number (default: %(default)s)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=_speed)
     return parser
 
 

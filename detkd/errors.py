@@ -11,3 +11,9 @@ class DataError(DetkdError):
     def __init__(self, message: str, report=None):
         super().__init__(message)
         self.report = report
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none): what a one-line
+    DetkdError quotes of a library's multi-line error."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from detkd.errors import DetkdError
+from detkd.errors import DetkdError, first_line
 from detkd.utils import save_json
 
 FORMATS = ("onnx", "torchscript", "openvino", "engine")
@@ -78,8 +78,7 @@ def export_model(
         with quiet_ultralytics():
             exported = Path(yolo.export(**args, verbose=False))
     except Exception as e:  # the exporter's own refusals (ValueError, AssertionError) and converter failures
-        first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise DetkdError(f"{model}: {format} {precision} export failed: {first_line}") from e
+        raise DetkdError(f"{model}: {format} {precision} export failed: {first_line(e)}") from e
     return _move(exported, Path(out)) if out else exported
 
 

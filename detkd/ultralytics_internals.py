@@ -391,3 +391,33 @@ def cpu_name() -> str:
     from ultralytics.utils.torch_utils import get_cpu_info
 
     return get_cpu_info()
+
+
+def progress_bar(**kwargs):
+    """Ultralytics' own progress bar (``ultralytics.utils.TQDM``: tqdm's interface, a rate in units per second),
+    shown on stderr whatever Ultralytics' log level: detkd's long commands look like Ultralytics' and need no tqdm
+    dependency (Ultralytics 8.4 no longer installs tqdm)."""
+    from ultralytics.utils import TQDM
+
+    return TQDM(**{"file": sys.stderr, "disable": False, **kwargs})
+
+
+def prediction_backend(yolo, image, imgsz: int, device=None) -> tuple[nn.Module, torch.Tensor]:
+    """The inference stage of ``YOLO.predict`` on its own: ``(backend, input)``, where ``backend(input)`` is exactly
+    the model call the predictor times as "inference" and ``input`` is ``image`` (BGR) after the predictor's own
+    preprocessing (letterbox, RGB, CHW, /255, fp16 where the backend runs in it).
+
+    The backend is the predictor's ``AutoBackend`` (``yolo.predictor.model``), which runs each format with its own
+    runtime: PyTorch for ``.pt``, ONNX Runtime for ``.onnx``, OpenVINO, TensorRT, TorchScript; a fixed-batch export
+    given a larger batch is run in chunks of its batch. Both are set up by one ``predict`` call."""
+    yolo.predict(image, imgsz=imgsz, device=device, verbose=False)
+    predictor = yolo.predictor
+    return predictor.model, predictor.preprocess([image])
+
+
+def fixed_batch(backend) -> int | None:
+    """The batch an export is fixed to (its metadata ``batch``, ``dynamic`` false), which ``AutoBackend`` runs a
+    larger batch in chunks of; None for PyTorch models and dynamic exports."""
+    if backend.format == "pt" or backend.metadata.get("dynamic"):
+        return None
+    return int(backend.batch)

@@ -226,8 +226,8 @@ def _distractor(img, rng):
         cv2.fillPoly(img, [tri], _colour(rng), cv2.LINE_AA)
 
 
-def _background(s: int, rng) -> np.ndarray:
-    """Sky/road gradient, low-frequency blotches, lane stripes and fine texture."""
+def background(s: int, rng) -> np.ndarray:
+    """An ``s``×``s`` empty scene: sky/road gradient, low-frequency blotches, lane stripes and fine texture."""
     top, bottom = (
         np.array(_colour(rng, sat=(0, 0.4), val=(0.3, 0.95)), np.float32),
         np.array(_colour(rng, sat=(0, 0.3), val=(0.15, 0.7)), np.float32),
@@ -249,6 +249,15 @@ def _object_size(rng, cfg: SynthConfig) -> float:
     return float(math.exp(rng.uniform(math.log(cfg.min_size), math.log(cfg.max_size_frac * cfg.imgsz))))
 
 
+def object_sprite(cls: int, rng, cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One object of class ``cls`` as ``(BGR patch, alpha)``, its box exactly the patch: the aspect from the class's
+    range, the size as :func:`render_scene` draws it. Shared by scenes and footage, so both show the same objects."""
+    draw, (lo, hi) = _DRAWERS[CLASSES[cls]]
+    aspect, size = rng.uniform(lo, hi), _object_size(rng, cfg)
+    bw, bh = (size, size / aspect) if aspect >= 1 else (size * aspect, size)
+    return _draw_patch(draw, max(2, int(round(bw))), max(2, int(round(bh))), rng)
+
+
 def _place(s: int, bw: int, bh: int, rng) -> tuple[int, int]:
     return int(rng.integers(0, max(1, s - bw))), int(rng.integers(0, max(1, s - bh)))
 
@@ -257,7 +266,7 @@ def render_scene(seed: int, split: str, index: int, cfg: SynthConfig = SynthConf
     """One scene: the BGR image and its boxes ``[(class_id, x, y, w, h), ...]`` in pixels."""
     rng = np.random.default_rng([seed, _SPLIT_SALT.get(split, 9), index])
     s = cfg.imgsz
-    img = _background(s, rng).astype(np.float32)
+    img = background(s, rng).astype(np.float32)
     owner = np.full((s, s), -1, np.int32)  # which object each pixel shows (-1: none)
     pixels: list[int] = []  # each object's own pixel count
     boxes: list[tuple[int, int, int, int, int]] = []
@@ -279,11 +288,8 @@ def render_scene(seed: int, split: str, index: int, cfg: SynthConfig = SynthConf
 
     for _ in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
         cls = int(rng.integers(0, len(CLASSES)))
-        draw, (lo, hi) = _DRAWERS[CLASSES[cls]]
-        aspect, size = rng.uniform(lo, hi), _object_size(rng, cfg)
-        bw, bh = (size, size / aspect) if aspect >= 1 else (size * aspect, size)
-        bw, bh = max(2, int(round(bw))), max(2, int(round(bh)))
-        patch, alpha = _draw_patch(draw, bw, bh, rng)
+        patch, alpha = object_sprite(cls, rng, cfg)
+        bh, bw = alpha.shape
         for _attempt in range(5):  # find a place that leaves every earlier object visible enough
             x, y = _place(s, bw, bh, rng)
             hit = owner[y : y + bh, x : x + bw][alpha > 0.5]

@@ -1,0 +1,221 @@
+"""detkd synth --video (footage with ground truth) and detkd video (detection and tracking on streams): every
+frame accounted for, outputs complete after Ctrl-C, damaged input counted and skipped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+
+from detkd.data.synth import CLASSES
+
+FRAMES, SIZE = 24, 64
+
+
+def _frame_count(video: Path) -> int:
+    """Frames cv2 decodes from ``video`` (0 when it cannot open it)."""
+    cap = cv2.VideoCapture(str(video))
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    cap.release()
+    return count
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def footage(tmp_path_factory) -> Path:
+    from detkd.data.footage import write_footage
+
+    video, _, _ = write_footage(tmp_path_factory.mktemp("footage") / "traffic.mp4", FRAMES, SIZE, fps=10, seed=0)
+    return video
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """An untrained yolov8n over the synthetic classes: these tests check the stream, not the detections."""
+    from tests.conftest import save_model_checkpoint
+
+    return save_model_checkpoint("yolov8n.yaml", dict(enumerate(CLASSES)), tmp_path_factory.mktemp("m") / "m.pt")
+
+
+def test_synth_video_writes_footage_with_matching_ground_truth(run_detkd, tmp_path):
+    proc = run_detkd("synth", "--video", "clip.mp4", "--frames", 30, "--imgsz", 96, "--fps", 10, "--seed", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert _frame_count(tmp_path / "clip.mp4") == 30
+    coco = json.loads((tmp_path / "clip.coco.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == list(CLASSES)  # the synthetic data set's categories
+    assert [im["id"] for im in coco["images"]] == list(range(1, 31))
+    rows = [[float(v) for v in line.split(",")] for line in (tmp_path / "clip.gt.txt").read_text().splitlines()]
+    assert {int(r[0]) for r in rows} <= set(range(1, 31)) and len(rows) == len(coco["annotations"])
+    tracks: dict[int, list] = {}
+    for frame, track_id, x, y, w, h, consider, _cls, visibility in rows:
+        assert x >= 0 and y >= 0 and x + w <= 96 and y + h <= 96 and w > 0 and h > 0
+        assert consider == (visibility >= 0.45)
+        tracks.setdefault(int(track_id), []).append((int(frame), x, y, w, h, visibility))
+    moving = [t for t in tracks.values() if len({(x, y) for _, x, y, *_ in t}) > 5]
+    assert len(moving) >= 3  # objects move
+    assert any(t[0][0] > 1 for t in tracks.values()) and any(t[-1][0] < 30 for t in tracks.values())  # enter, leave
+    inside = [v for t in tracks.values() for _, x, y, w, h, v in t if x > 0 and y > 0 and x + w < 96 and y + h < 96]
+    assert min(inside) < 0.9  # a whole box in the frame, partly hidden: occluded by another object
+    for t in tracks.values():  # smooth paths: no jumps between consecutive frames
+        for (f0, x0, y0, *_), (f1, x1, y1, *_) in zip(t, t[1:]):
+            assert f1 == f0 + 1 and abs(x1 - x0) <= 20 and abs(y1 - y0) <= 20
+
+
+def test_video_writes_every_frame_to_mp4_and_jsonl(run_detkd, footage, model, tmp_path):
+    proc = run_detkd("video", footage, "--model", model, "--out", "a.mp4", "--jsonl", "a.jsonl", "--imgsz", SIZE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _frame_count(tmp_path / "a.mp4") == FRAMES
+    lines = _jsonl(tmp_path / "a.jsonl")
+    assert [line["frame"] for line in lines] == list(range(FRAMES))
+    assert lines[3]["time"] == pytest.approx(0.3)  # 10 fps
+    assert all(len(line["boxes"]) == len(line["scores"]) == len(line["classes"]) for line in lines)
+    summary = json.loads((tmp_path / "a.summary.json").read_text())
+    assert summary["frames"] == {
+        "read": FRAMES, "processed": FRAMES, "skipped_by_stride": 0, "dropped_stale": 0, "unreadable": 0
+    }  # fmt: skip
+    assert set(summary["latency_ms"]) == {"decode", "preprocess", "inference", "postprocess", "draw_write"}
+    assert "inference" in proc.stdout and "frames/s" in proc.stdout
+
+
+@pytest.mark.parametrize("source", ["missing.mp4", "cut.mp4"])
+def test_source_that_cannot_be_opened_is_one_error_line(run_detkd, footage, model, tmp_path, source):
+    data = footage.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # an MP4 cut short: its index (at the end) is gone
+    proc = run_detkd("video", source, "--model", model, "--jsonl", "a.jsonl", "--imgsz", SIZE)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and source in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_damaged_and_truncated_videos_count_unreadable_frames(footage, model, tmp_path):
+    from detkd.video import run_video
+
+    data = bytearray(footage.read_bytes())
+    start = len(data) // 3
+    data[start : start + len(data) // 4] = bytes(len(data) // 4)  # a zeroed stretch inside the frames
+    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    cap, avi = cv2.VideoCapture(str(footage)), tmp_path / "full.avi"
+    writer = cv2.VideoWriter(str(avi), cv2.VideoWriter_fourcc(*"MJPG"), 10, (SIZE, SIZE))
+    while (frame := cap.read())[0]:
+        writer.write(frame[1])
+    writer.release()
+    whole = avi.read_bytes()
+    (tmp_path / "cut.avi").write_bytes(whole[: int(len(whole) * 0.6)])  # an AVI cut short still opens
+    for name in ("damaged.mp4", "cut.avi"):
+        summary = run_video(tmp_path / name, model, jsonl=tmp_path / f"{name}.jsonl", imgsz=SIZE)
+        counts = summary.counts
+        assert counts.unreadable > 0 and summary.processed > 0, name
+        assert summary.processed + counts.unreadable == FRAMES, name  # every listed frame accounted for
+        lines = _jsonl(tmp_path / f"{name}.jsonl")
+        assert len(lines) == summary.processed and len({line["frame"] for line in lines}) == len(lines)
+        assert not {line["frame"] for line in lines} & set(counts.examples)  # the skipped ones are not in it
+
+
+def test_unreadable_image_in_a_frame_folder_is_counted_and_skipped(footage, model, tmp_path):
+    from detkd.video import run_video
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    cap = cv2.VideoCapture(str(footage))
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i:03d}.jpg"), cap.read()[1])
+    (folder / "003.jpg").write_bytes(b"not a jpeg")
+    summary = run_video(folder, model, out=tmp_path / "f.mp4", jsonl=tmp_path / "f.jsonl", imgsz=SIZE, vid_stride=2)
+    counts = summary.counts
+    assert (counts.read, summary.processed, counts.skipped, counts.unreadable) == (6, 3, 3, 0)  # 003 never read
+    summary = run_video(folder, model, out=tmp_path / "f.mp4", jsonl=tmp_path / "f.jsonl", imgsz=SIZE)
+    assert (summary.processed, summary.counts.unreadable, summary.counts.examples) == (5, 1, ["003.jpg"])
+    assert [line["frame"] for line in _jsonl(tmp_path / "f.jsonl")] == [0, 1, 2, 4, 5]
+    assert _frame_count(tmp_path / "f.mp4") == 5
+
+
+def test_live_source_drops_stale_frames_instead_of_queueing(footage, model, tmp_path):
+    """A live reader (here over a file, which decodes far faster than the model runs) keeps only the newest frame."""
+    from detkd.video import run_video
+
+    summary = run_video(footage, model, jsonl=tmp_path / "live.jsonl", imgsz=SIZE, live=True)
+    counts = summary.counts
+    assert counts.read == FRAMES and counts.dropped > 0
+    assert summary.processed + counts.dropped == counts.read
+    frames = [line["frame"] for line in _jsonl(tmp_path / "live.jsonl")]
+    assert len(frames) == summary.processed and frames == sorted(set(frames))
+
+
+def test_ctrl_c_leaves_a_playable_mp4_and_a_complete_jsonl(model, tmp_path):
+    from detkd.data.footage import write_footage
+    from tests.conftest import detkd_env
+
+    long_video, _, _ = write_footage(tmp_path / "long.mp4", 400, SIZE, fps=10)
+    command = [sys.executable, "-m", "detkd.cli", "video", long_video, "--model", model, "--imgsz", SIZE]
+    proc = subprocess.Popen(
+        [*map(str, command), "--out", "i.mp4", "--jsonl", "i.jsonl"],
+        cwd=tmp_path, env=detkd_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    jsonl, deadline = tmp_path / "i.jsonl", time.time() + 60
+    while time.time() < deadline and (not jsonl.exists() or jsonl.read_text().count("\n") < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    lines = _jsonl(jsonl)  # every line parses
+    assert 5 <= len(lines) < 400
+    assert [line["frame"] for line in lines] == list(range(len(lines)))
+    assert _frame_count(tmp_path / "i.mp4") == len(lines)  # the MP4 has its index: it plays, frame for line
+    summary = json.loads((tmp_path / "i.summary.json").read_text())
+    assert summary["interrupted"] and summary["frames"]["processed"] == len(lines)
+    assert stdout.startswith("interrupted: frames:")
+
+
+@pytest.fixture(scope="module")
+def confident_model(model, tmp_path_factory) -> Path:
+    """The untrained model with random head biases (as in test_export): it scores ~0.002 everywhere, below any
+    tracker's threshold; with these biases it reports distinct boxes at high scores, the same on the same image."""
+    import torch
+    from ultralytics import YOLO
+
+    from detkd.ultralytics_internals import checkpoint_dict
+
+    yolo = YOLO(str(model))
+    head = yolo.model.model[-1]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for branch, scale in ((head.cv2, 3.0), (head.cv3, 1.0)):
+            for seq in branch:
+                seq[-1].bias.copy_(torch.randn(seq[-1].bias.shape, generator=generator) * scale)
+    path = tmp_path_factory.mktemp("confident") / "m.pt"
+    torch.save(checkpoint_dict(yolo.model, {}), path)
+    return path
+
+
+def test_tracking_keeps_ids_across_frames(run_detkd, footage, confident_model, tmp_path):
+    """The tracker persists between frames (ByteTrack through YOLO.track): the same image shown six times has the
+    same detections each time, which keep their ids (a tracker reset per frame would renumber them). Objects that
+    move are not checked here: no model trained to detect them fits this test's time budget."""
+    folder = tmp_path / "still"
+    folder.mkdir()
+    image = cv2.VideoCapture(str(footage)).read()[1]
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), image)
+    proc = run_detkd(
+        "video", folder, "--model", confident_model, "--track", "--jsonl", "t.jsonl", "--out", "t.mp4", "--imgsz", SIZE
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = _jsonl(tmp_path / "t.jsonl")
+    assert len(lines) == 6 and _frame_count(tmp_path / "t.mp4") == 6
+    for line in lines:
+        assert len(line["track_ids"]) == len(line["boxes"]) > 0
+    ids = [sorted(line["track_ids"]) for line in lines]
+    assert all(isinstance(i, int) for i in ids[0]) and ids == [ids[0]] * 6
+    summary = json.loads((tmp_path / "t.summary.json").read_text())
+    assert summary["tracking"] == "bytetrack" and summary["latency_ms"]["tracking"]["p50"] > 0
