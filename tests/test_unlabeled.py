@@ -250,3 +250,34 @@ def test_unlabeled_images_have_no_labels_even_beside_label_files(synth_data):
     assert len(dataset) == len(images) and not list(synth_data.parent.glob("**/*.cache"))
     batch = next(iter(build_dataloader(dataset, 4, 0, -1, "cpu")))
     assert batch["img"].shape == (4, 3, 64, 64) and batch["cls"].numel() == batch["bboxes"].numel() == 0
+
+
+def test_a_two_stage_teachers_detections_become_pseudo_boxes_in_student_classes():
+    """A torchvision teacher has no dense head: its own final detections are the pseudo-boxes, its class-logit
+    columns (1 ... K) mapped to the student's classes by name."""
+    from test_torchvision_teacher import _frcnn
+
+    from detkd.adapters import TorchvisionAdapter
+    from detkd.engine.criterion import teacher_detections
+
+    student = _model("yolov8n.yaml", 0).train()
+    teacher = TorchvisionAdapter(_frcnn(seed=3), {1: "bus", 2: "car", 3: "truck"})  # another order than the student's
+    s = UltralyticsAdapter(student)
+    cfg = DistillConfig(feature=[FeatureLossConfig(loss="fitnet", levels=[0])])
+    unlabeled = UnlabeledConfig(source=["unused"], pseudo=PseudoConfig(conf=0.01))
+    criterion = DistillationCriterion(student.init_criterion(), s, teacher, Distiller(cfg, s, teacher), unlabeled)
+    try:
+        batch = _batch(2, labeled=0)
+        found = teacher_detections(teacher, teacher(batch["img"]), batch["img"], 0.01)
+        own = teacher.detections(batch["img"])
+        assert [len(d["boxes"]) for d in found] == [int((d["scores"] >= 0.01).sum()) for d in own]
+        assert sum(len(d["boxes"]) for d in found) > 0
+        batch_idx, cls, xywh = criterion.pseudo_boxes(teacher(batch["img"]), batch["img"])
+        expected = torch.cat([d["labels"] for d in found])  # bus=1 -> 2, car=2 -> 0, truck=3 -> 1
+        assert cls.view(-1).tolist() == [{1: 2, 2: 0, 3: 1}[int(c)] for c in expected]
+        assert batch_idx.tolist() == [float(i) for i, d in enumerate(found) for _ in d["boxes"]]
+        assert ((xywh >= 0) & (xywh <= 1)).all()
+        loss, items = criterion(student(batch["img"]), batch)
+        assert loss[:3].abs().sum() == 0 and items["pseudo_u"] > 0 and items["kd_fitnet_u"] > 0
+    finally:
+        criterion.remove()
