@@ -10,7 +10,6 @@ from detkd.data.frames import DEDUPE_DEFAULT
 from detkd.errors import DataError, DetkdError
 from detkd.safe_load import TRUST_HELP, trust_checkpoints
 
-
 DEDUPE_HELP = (
     "skip a video frame whose 32x32 grayscale thumbnail differs from the last frame taken by less than this many "
     "gray levels on average (default: %(default)s; 0 keeps every frame)"

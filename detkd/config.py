@@ -236,7 +236,9 @@ def _coerce(hint, value, where: str, source: str):
             raise DetkdError(f"{source}: '{where}' must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
     if origin is list:
-        if (dataclasses.is_dataclass(args[0]) and isinstance(value, dict)) or (args[0] is str and isinstance(value, str)):
+        if (dataclasses.is_dataclass(args[0]) and isinstance(value, dict)) or (
+            args[0] is str and isinstance(value, str)
+        ):
             value = [value]  # a single loss (or text) may be written without the list
         if not isinstance(value, list):
             raise DetkdError(f"{source}: '{where}' must be a list, got {type(value).__name__}")

@@ -3,7 +3,8 @@
 :func:`coco_evaluate` takes detections in COCO's result format (``image_id, category_id, bbox xywh, score``),
 so an Ultralytics model (:func:`ultralytics_detections`), a torchvision teacher (:func:`torchvision_detections`)
 or an ONNX session only need to produce that list; :func:`checkpoint_detections` picks the way for a checkpoint of
-any family detkd knows (and also labels images: ``detkd pseudo-label``). The twelve numbers are exactly ``COCOeval.stats``.
+any family detkd knows (``detkd pseudo-label`` labels images with it). The twelve numbers are exactly
+``COCOeval.stats``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 from detkd.data.dataset import DetectionDataset
 from detkd.errors import DetkdError
 from detkd.utils import class_key, save_json
+
 
 class Detections(NamedTuple):
     """One image's detections: boxes xyxy in the image's pixels (N, 4), scores (N,), the model's class indices (N,)."""

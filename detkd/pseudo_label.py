@@ -55,7 +55,9 @@ class PseudoLabelReport:
             "boxes per class, and their scores in 10 bins [0, 0.1) ... [0.9, 1]:",
         ]
         width = max(len(n) for n in self.names)
-        lines += [f"  {n:<{width}} {self.boxes[n]:>7}  {' '.join(f'{c:>5}' for c in self.histograms[n])}" for n in self.names]
+        lines += [
+            f"  {n:<{width}} {self.boxes[n]:>7}  {' '.join(f'{c:>5}' for c in self.histograms[n])}" for n in self.names
+        ]
         if self.dropped:
             lines.append(f"  {self.dropped} boxes dropped: no area left inside the image")
         lines.append(f"report: {self.out / REPORT}, plot: {self.out / PLOT}")
@@ -127,14 +129,18 @@ def pseudo_label(
             if x1 <= x0 or y1 <= y0:
                 report.dropped += 1
                 continue
-            lines.append(f"{yolo_class[cls]} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}\n")
+            cx, cy, bw, bh = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h
+            lines.append(f"{yolo_class[cls]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}\n")
             name = names[cls]
             report.boxes[name] += 1
             report.histograms[name][min(int(score * BINS), BINS - 1)] += 1
         report.empty_images += not lines
         write_text(out / "labels" / image.with_suffix(".txt").name, "".join(lines))
     names_yaml = "".join(f"  {i}: {_yaml_text(n)}\n" for i, n in enumerate(report.names))
-    write_text(out / "data.yaml", f"# pseudo-labels by {teacher} at conf {conf:g}\npath: .\ntrain: images\nval: images\nnames:\n{names_yaml}")
+    write_text(
+        out / "data.yaml",
+        f"# pseudo-labels by {teacher} at conf {conf:g}\npath: .\ntrain: images\nval: images\nnames:\n{names_yaml}",
+    )
     save_json(report.to_json(origins), out / REPORT)
     _plot(report, out / PLOT)
     return report
@@ -157,7 +163,9 @@ def _plot(report: PseudoLabelReport, path: Path) -> None:
         if report.boxes[name]:
             ax.plot(centres, report.histograms[name], marker="o", label=f"{name} ({report.boxes[name]})")
     ax.axvline(report.conf, color="grey", linestyle="--", label=f"conf {report.conf:g}")
-    ax.set(xlabel="teacher score", ylabel="boxes", xlim=(0, 1), title=f"pseudo-label scores ({Path(report.teacher).name})")
+    ax.set(
+        xlabel="teacher score", ylabel="boxes", xlim=(0, 1), title=f"pseudo-label scores ({Path(report.teacher).name})"
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -437,9 +437,10 @@ def build_dataloader(dataset, batch: int, workers: int, rank: int, device):
 
 
 def close_mosaic(loader, args) -> None:
-    """Turn mosaic (and mixup, copy-paste) off in a training loader's dataset, as ``BaseTrainer._close_dataloader_mosaic``
-    does for the labeled loader in the last ``close_mosaic`` epochs: the dataset's ``mosaic`` flag, its
-    ``close_mosaic(hyp)`` (which rebuilds its transforms), and ``reset()`` so that workers see the change."""
+    """Turn mosaic (and mixup, copy-paste) off in a training loader's dataset, as
+    ``BaseTrainer._close_dataloader_mosaic`` does for the labeled loader in the last ``close_mosaic`` epochs: the
+    dataset's ``mosaic`` flag, its ``close_mosaic(hyp)`` (which rebuilds its transforms), and ``reset()`` so that
+    workers see the change."""
     from copy import copy
 
     loader.dataset.mosaic = False

@@ -37,7 +37,10 @@ def test_pseudo_labels_are_a_data_set_that_passes_the_check(run_detkd, teacher_c
     assert check.returncode == 0 and ": OK" in check.stdout, check.stdout
 
     again = run_detkd("pseudo-label", *args)  # never over a previous set
-    assert again.returncode == 2 and again.stderr.strip() == "detkd: error: pl: not empty (pseudo-labels go into a new or empty folder)"
+    assert (
+        again.returncode == 2
+        and again.stderr.strip() == "detkd: error: pl: not empty (pseudo-labels go into a new or empty folder)"
+    )
 
 
 def test_a_missing_teacher_is_one_line_before_any_frame_is_read(run_detkd, tmp_path):

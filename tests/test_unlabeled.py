@@ -162,7 +162,11 @@ def test_the_task_loss_of_a_mixed_batch_is_the_labeled_images_own(pair):
         preds = student(batch["img"])
         loss, items = criterion(preds, batch)
         # Ultralytics' own criterion on the first two images' outputs, sliced by hand
-        first_two = {"boxes": preds["boxes"][:2], "scores": preds["scores"][:2], "feats": [f[:2] for f in preds["feats"]]}
+        first_two = {
+            "boxes": preds["boxes"][:2],
+            "scores": preds["scores"][:2],
+            "feats": [f[:2] for f in preds["feats"]],
+        }
         expected, _ = student.init_criterion()(first_two, {k: v for k, v in batch.items() if k != LABELED})
         assert torch.allclose(loss[:3], expected)
         for name in ("kd_cwd", "kd_cls", "kd_cwd_u", "kd_cls_u"):

@@ -102,7 +102,7 @@ def expand_source(source: str | os.PathLike | list) -> list[tuple[str, list[Path
                 raise DetkdError(f"{path}: neither an image nor a video file (known suffixes: {kinds})")
             files = [path]
         elif glob.has_magic(entry):
-            files = sorted((Path(p) for p in glob.glob(os.path.expanduser(entry), recursive=True) if _kind(Path(p))))
+            files = sorted(Path(p) for p in glob.glob(os.path.expanduser(entry), recursive=True) if _kind(Path(p)))
         else:
             raise DetkdError(f"{entry}: unlabeled source not found (a folder, a glob or a video file)")
         if not files:
@@ -136,7 +136,9 @@ def collect_frames(
             parts.append(extract_video(video, folder / f"{video.name}.frames", every, dedupe))
     if not any(part.files for part in parts):
         unread = [f for part in parts for f in part.unreadable]
-        raise DetkdError(f"{source_list(source)[0]}: no readable frames in the unlabeled source ({len(unread)} unreadable)")
+        raise DetkdError(
+            f"{source_list(source)[0]}: no readable frames in the unlabeled source ({len(unread)} unreadable)"
+        )
     return FrameSet(parts)
 
 
@@ -190,7 +192,9 @@ def extract_video(video: Path, cache: Path, every: int = 1, dedupe: float = DEDU
             bar.update(1)
             if index % every:
                 continue
-            thumb = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA)
+            thumb = cv2.resize(
+                cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA
+            )
             if last is not None and dedupe > 0 and cv2.absdiff(thumb, last).mean() < dedupe:
                 part.duplicates += 1
                 continue

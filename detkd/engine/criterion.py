@@ -127,7 +127,9 @@ class DistillationCriterion:
         if n_labeled:
             part = slice(0, n_labeled)
             labeled = {**batch, "img": batch["img"][part]}
-            weighted.append((self.distiller(student.of_images(part), teacher.of_images(part), labeled, self._assigned), n_labeled))
+            weighted.append(
+                (self.distiller(student.of_images(part), teacher.of_images(part), labeled, self._assigned), n_labeled)
+            )
         if n_labeled < n:
             part = slice(n_labeled, n)
             images = batch["img"][part]
@@ -138,14 +140,18 @@ class DistillationCriterion:
                 self._assigned = None
                 pseudo, _ = self.task(internals.head_outputs_of_images(preds, part), unlabeled)
                 assigned = self._assigned
-                weighted.append(({PSEUDO: self.unlabeled.pseudo.weight * pseudo.sum() / (n - n_labeled)}, n - n_labeled))
+                weighted.append(
+                    ({PSEUDO: self.unlabeled.pseudo.weight * pseudo.sum() / (n - n_labeled)}, n - n_labeled)
+                )
             else:
                 unlabeled = _with_boxes({"img": images}, *_no_boxes(images))
             terms = self.distiller(student.of_images(part), t_view, unlabeled, assigned)
             weighted.append(({f"{k}_u": v for k, v in terms.items()}, n - n_labeled))
         return loss, items, weighted
 
-    def pseudo_boxes(self, teacher: DetectorView, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pseudo_boxes(
+        self, teacher: DetectorView, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher's detections scoring at least ``pseudo.conf`` as Ultralytics batch labels ``(batch_idx,
         cls, bboxes)``: student class indices (classes the student lacks dropped), normalised xywh boxes."""
         h, w = images.shape[-2:]

@@ -43,9 +43,9 @@ from torch import nn
 from detkd import ultralytics_internals as internals
 from detkd.adapters import DetectorAdapter, UltralyticsAdapter, create_teacher
 from detkd.config import Recipe, save_recipe
+from detkd.data.frames import FrameSet, collect_frames
 from detkd.distiller import Distiller, schedule_factor
 from detkd.engine import ddp
-from detkd.data.frames import FrameSet, collect_frames
 from detkd.engine.criterion import LABELED, DistillationCriterion
 from detkd.utils import atomic_write, save_json, write_text
 
@@ -163,7 +163,9 @@ class DetkdTrainer(DetectionTrainer):
         frames = self.frames or collect_frames(cfg.source, cfg.every, cfg.dedupe, cfg.cache)  # DDP ranks, resume
         LOGGER.info(f"detkd: {frames.format()}")
         stride = max(int(unwrap_model(self.model).stride.max()), 32)
-        image_list = write_text(Path(self.save_dir) / "unlabeled.txt", "".join(f"{f.resolve()}\n" for f in frames.files))
+        image_list = write_text(
+            Path(self.save_dir) / "unlabeled.txt", "".join(f"{f.resolve()}\n" for f in frames.files)
+        )
         batch = max(1, round(self.train_loader.batch_size * cfg.ratio))
         dataset = internals.unlabeled_dataset(self.args, image_list, self.data, batch, stride)
         self.unlabeled_loader = internals.build_dataloader(dataset, batch, self.args.workers, LOCAL_RANK, self.device)
