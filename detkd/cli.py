@@ -6,8 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from detkd.data.frames import DEDUPE_DEFAULT
 from detkd.errors import DataError, DetkdError
 from detkd.safe_load import TRUST_HELP, trust_checkpoints
+
+DEDUPE_HELP = (
+    "skip a video frame whose 32x32 grayscale thumbnail differs from the last frame taken by less than this many "
+    "gray levels on average (default: %(default)s; 0 keeps every frame)"
+)
 
 
 def _synth(args) -> None:
@@ -43,7 +49,28 @@ def _data_check(args) -> int:
 
     report = check_dataset(args.data, images_dir=args.images)
     print(report.format())
+    if args.unlabeled:
+        from detkd.data.frames import collect_frames
+
+        print(collect_frames(args.unlabeled, every=args.every, dedupe=args.dedupe).format())
     return 0 if report.ok else 1
+
+
+def _pseudo_label(args) -> None:
+    from detkd.pseudo_label import pseudo_label
+
+    report = pseudo_label(
+        args.teacher,
+        args.source,
+        args.out,
+        conf=args.conf,
+        every=args.every,
+        imgsz=args.imgsz,
+        dedupe=args.dedupe,
+        batch=args.batch,
+        device=args.device,
+    )
+    print(report.format())
 
 
 def _data_convert(args) -> None:
@@ -268,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("check", help="report unreadable images, bad labels, missing files, duplicate ids")
     p.add_argument("data", help="YOLO data .yaml or COCO instances .json")
     p.add_argument("--images", help=images_help)
+    p.add_argument(
+        "--unlabeled",
+        nargs="+",
+        metavar="SOURCE",
+        help="also check unlabeled frames: folders, globs, video files (unreadable files, frames taken per video)",
+    )
+    p.add_argument("--every", type=int, default=1, help="with --unlabeled: one video frame in N (default: 1)")
+    p.add_argument("--dedupe", type=float, default=DEDUPE_DEFAULT, help=DEDUPE_HELP)
     p.set_defaults(func=_data_check)
     p = data.add_parser("convert", help="convert between COCO json and YOLO layouts, keeping ids and names")
     p.add_argument("data", help="YOLO data .yaml or COCO instances .json")
@@ -275,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--images", help=images_help)
     p.set_defaults(func=_data_convert)
+
+    p = sub.add_parser("pseudo-label", help="label unlabeled images or video frames with a teacher (a YOLO data set)")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint: Ultralytics YOLO or detkd torchvision teacher")
+    p.add_argument("--source", required=True, nargs="+", help="image folders, globs, image or video files")
+    p.add_argument("--out", required=True, help="a new or empty folder for the data set")
+    p.add_argument("--conf", type=float, default=0.25, help="lowest teacher score kept as a box (default: %(default)s)")
+    p.add_argument("--every", type=int, default=1, help="one video frame in N (default: %(default)s)")
+    p.add_argument("--imgsz", type=int, default=640, help="the teacher's inference size (default: %(default)s)")
+    p.add_argument("--dedupe", type=float, default=DEDUPE_DEFAULT, help=DEDUPE_HELP)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=_pseudo_label)
 
     p = sub.add_parser("export", help="export a checkpoint (ONNX, TorchScript, OpenVINO, TensorRT) and check parity")
     p.add_argument("model", help="Ultralytics checkpoint (.pt)")

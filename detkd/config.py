@@ -31,6 +31,8 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # built-in recipes (p
 # bounds of a number, as dataclass field metadata (checked by build_dataclass)
 NON_NEGATIVE = {"minimum": 0.0}
 POSITIVE = {"exclusive_minimum": 0.0}
+AT_LEAST_ONE = {"minimum": 1}
+PROBABILITY = {"exclusive_minimum": 0.0, "maximum": 1.0}
 
 
 @dataclass
@@ -110,6 +112,35 @@ class InitConfig:
 
 
 @dataclass
+class PseudoConfig:
+    """The teacher's confident detections on unlabeled images as boxes for the student's task loss."""
+
+    conf: float = field(default=0.5, metadata=PROBABILITY)  # a teacher detection scoring this or more is a box
+    weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # the pseudo-box task loss relative to the real one
+
+
+@dataclass
+class UnlabeledConfig:
+    """Images without labels, trained on beside the labeled ones (see :mod:`detkd.engine.trainer`).
+
+    They get the distillation terms only (the teacher is all they have), and with ``pseudo`` also the task loss
+    against the teacher's confident detections. ``source``: folders, globs, image or video files
+    (:mod:`detkd.data.frames`, which also says how ``every``, ``dedupe`` and ``cache`` sample videos).
+    """
+
+    source: list[str] = field(default_factory=list)
+    every: int = field(default=1, metadata=AT_LEAST_ONE)  # one video frame in this many
+    dedupe: float = field(default=2.0, metadata=NON_NEGATIVE)  # near-duplicate threshold (gray levels); 0: keep all
+    cache: str | None = None  # where video frames are extracted (default: <video>.frames/ beside each video)
+    ratio: float = field(default=1.0, metadata=POSITIVE)  # unlabeled images per labeled image in a batch
+    pseudo: PseudoConfig | None = None
+
+    def validate(self, where: str, source: str) -> None:
+        if not self.source:
+            raise DetkdError(f"{source}: '{_join(where, 'source')}' is empty (give a folder, a glob or video files)")
+
+
+@dataclass
 class Recipe:
     teacher: str | None = None  # local checkpoint of a detector family detkd adapts (detkd.adapters.create_teacher)
     student: str = "yolov8n.yaml"  # model config (from scratch) or checkpoint
@@ -122,6 +153,20 @@ class Recipe:
     chain: list[str] = field(default_factory=list)
     # load checkpoints that reference more than Ultralytics checkpoints hold (they can run code), see detkd.safe_load
     trust_checkpoints: bool = False
+    unlabeled: UnlabeledConfig | None = None  # images without labels, distilled on beside the labeled ones
+
+    def validate(self, where: str, source: str) -> None:
+        """Terms that read labels need them on unlabeled images too: only pseudo-boxes can give them."""
+        if self.unlabeled is None or self.unlabeled.pseudo is not None:
+            return
+        for name, c in (("logit", self.distill.logit), ("box", self.distill.box)):
+            if c.weight > 0 and (c.locations == "positives" or c.gate != "none"):
+                setting = "locations: positives" if c.locations == "positives" else f"gate: {c.gate}"
+                raise DetkdError(
+                    f"{source}: 'distill.{name}' with {setting} reads labels, which unlabeled images lack: "
+                    "set 'unlabeled.pseudo' (the teacher's confident detections become their labels) or use "
+                    "locations teacher/all without a gate"
+                )
 
     @property
     def distills(self) -> bool:
@@ -129,11 +174,13 @@ class Recipe:
         return bool(d.feature) or d.logit.weight > 0 or d.box.weight > 0
 
     def to_dict(self) -> dict:
-        """The recipe as plain data; ``trust_checkpoints`` only when set, so that recipes saved before the key
-        existed (benchmark runs, ``distill.yaml``) still compare equal."""
+        """The recipe as plain data; ``trust_checkpoints`` and ``unlabeled`` only when set, so that recipes saved
+        before those keys existed (benchmark runs, ``distill.yaml``) still compare equal."""
         out = dataclasses.asdict(self)
         if not self.trust_checkpoints:
             del out["trust_checkpoints"]
+        if self.unlabeled is None:
+            del out["unlabeled"]
         return out
 
 
@@ -171,6 +218,8 @@ def _check_bounds(bounds: typing.Mapping, value, where: str, source: str) -> Non
         raise DetkdError(f"{source}: '{where}' must be >= {bounds['minimum']:g}, got {value!r}")
     if "exclusive_minimum" in bounds and value <= bounds["exclusive_minimum"]:
         raise DetkdError(f"{source}: '{where}' must be > {bounds['exclusive_minimum']:g}, got {value!r}")
+    if "maximum" in bounds and value > bounds["maximum"]:
+        raise DetkdError(f"{source}: '{where}' must be <= {bounds['maximum']:g}, got {value!r}")
 
 
 def _coerce(hint, value, where: str, source: str):
@@ -187,8 +236,10 @@ def _coerce(hint, value, where: str, source: str):
             raise DetkdError(f"{source}: '{where}' must be one of {', '.join(map(str, args))}, got {value!r}")
         return value
     if origin is list:
-        if dataclasses.is_dataclass(args[0]) and isinstance(value, dict):
-            value = [value]  # a single loss may be written without the list
+        if (dataclasses.is_dataclass(args[0]) and isinstance(value, dict)) or (
+            args[0] is str and isinstance(value, str)
+        ):
+            value = [value]  # a single loss (or text) may be written without the list
         if not isinstance(value, list):
             raise DetkdError(f"{source}: '{where}' must be a list, got {type(value).__name__}")
         return [_coerce(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]

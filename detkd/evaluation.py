@@ -1,9 +1,10 @@
 """COCO evaluation for every kind of model: the metric comes from pycocotools, detections from anywhere.
 
 :func:`coco_evaluate` takes detections in COCO's result format (``image_id, category_id, bbox xywh, score``),
-so an Ultralytics model (:func:`predict_ultralytics`), a torchvision teacher (:func:`predict_torchvision`) or an
-ONNX session only need to produce that list; :func:`predict_checkpoint` picks the way for a checkpoint of any
-family detkd knows. The twelve numbers are exactly ``COCOeval.stats``.
+so an Ultralytics model (:func:`ultralytics_detections`), a torchvision teacher (:func:`torchvision_detections`)
+or an ONNX session only need to produce that list; :func:`checkpoint_detections` picks the way for a checkpoint of
+any family detkd knows (``detkd pseudo-label`` labels images with it). The twelve numbers are exactly
+``COCOeval.stats``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,26 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from detkd.data.dataset import DetectionDataset
 from detkd.errors import DetkdError
 from detkd.utils import class_key, save_json
+
+
+class Detections(NamedTuple):
+    """One image's detections: boxes xyxy in the image's pixels (N, 4), scores (N,), the model's class indices (N,)."""
+
+    xyxy: object  # torch.Tensor (torch is imported where detections are made)
+    scores: object
+    classes: object
+
+    def above(self, conf: float) -> Detections:
+        keep = self.scores >= conf
+        return Detections(self.xyxy[keep], self.scores[keep], self.classes[keep])
+
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _METRIC_HELP = {
@@ -126,24 +141,23 @@ def predict_ultralytics(
 
     if not isinstance(model, YOLO):
         model = load_yolo_checkpoint(model)
-    mapping = class_to_category(model.names, dataset)
-    detections = []
     paths = [str(im.path) for im in dataset.images]
+    found = ultralytics_detections(model, paths, imgsz, batch, device, conf=conf, iou=iou, max_det=max_det)
+    return _to_coco(dataset, model.names, found)
+
+
+def ultralytics_detections(
+    model, paths: list[str], imgsz: int = 640, batch: int = 16, device=None, **settings
+) -> Iterator[Detections]:
+    """An Ultralytics ``YOLO``'s detections on each image file, in order (its ``predict`` with ``settings``)."""
     for start in range(0, len(paths), batch):
-        chunk = dataset.images[start : start + batch]
-        results = model.predict(
-            paths[start : start + batch], imgsz=imgsz, conf=conf, iou=iou, max_det=max_det, device=device, verbose=False
-        )
-        for image, result in zip(chunk, results):
-            boxes = result.boxes
-            detections.extend(_to_coco_results(image.id, boxes.xyxy, boxes.conf, boxes.cls, mapping))
-    return detections
+        chunk = paths[start : start + batch]
+        for result in model.predict(chunk, imgsz=imgsz, device=device, verbose=False, **settings):
+            yield Detections(result.boxes.xyxy, result.boxes.conf, result.boxes.cls)
 
 
-def predict_torchvision(
-    checkpoint: str | os.PathLike, dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, device=None
-) -> list[dict]:
-    """COCO-format detections of a detkd torchvision teacher checkpoint on every image of ``dataset``.
+def torchvision_detections(teacher, paths: list[str], imgsz: int = 640, batch: int = 16) -> Iterator[Detections]:
+    """A detkd torchvision teacher's detections on each image file, in order.
 
     Each image is letterboxed to ``imgsz`` square as a student's batch is (Ultralytics' ``LetterBox``), seen by the
     teacher exactly as in distillation (:meth:`~detkd.adapters.torchvision.TorchvisionAdapter.detections`: its own
@@ -152,42 +166,64 @@ def predict_torchvision(
     import numpy as np
     import torch
 
-    from detkd.adapters.torchvision import teacher_adapter
     from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.data.augment import LetterBox
     from ultralytics.utils.ops import scale_boxes
-    from ultralytics.utils.torch_utils import select_device
 
-    teacher = teacher_adapter(checkpoint, select_device(device or "", verbose=False))
-    mapping = class_to_category(teacher.names, dataset)
     device = next(teacher.model.parameters()).device
     letterbox = LetterBox((imgsz, imgsz), auto=False)
-    detections = []
-    for start in range(0, len(dataset.images), batch):
-        chunk = dataset.images[start : start + batch]
-        originals = [cv2.imread(str(image.path)) for image in chunk]
-        if unread := [str(image.path) for image, pixels in zip(chunk, originals) if pixels is None]:
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
+        originals = [cv2.imread(path) for path in chunk]
+        if unread := [path for path, pixels in zip(chunk, originals) if pixels is None]:
             raise DetkdError(f"{unread[0]}: image cannot be read")
         boxed = [letterbox(image=pixels)[..., ::-1] for pixels in originals]  # BGR -> RGB
         images = torch.from_numpy(np.stack(boxed)).permute(0, 3, 1, 2).to(device).float() / 255
-        for image, pixels, found in zip(chunk, originals, teacher.detections(images)):
+        for pixels, found in zip(originals, teacher.detections(images)):
             xyxy = scale_boxes((imgsz, imgsz), found["boxes"].clone(), pixels.shape[:2])
-            detections.extend(_to_coco_results(image.id, xyxy, found["scores"], found["labels"], mapping))
-    return detections
+            yield Detections(xyxy, found["scores"], found["labels"])
+
+
+def checkpoint_detections(
+    checkpoint: str | os.PathLike, paths: list[str], imgsz: int = 640, batch: int = 16, device=None, conf: float = 0.001
+) -> tuple[dict[int, str], Iterator[Detections]]:
+    """The class names of a checkpoint of any family detkd knows (a detkd torchvision teacher, else Ultralytics,
+    whose loader names what a foreign file is not), and its detections scoring at least ``conf`` on each image file,
+    in order (lazily: a caller can show progress)."""
+    from detkd.adapters.torchvision import is_torchvision_teacher
+
+    if is_torchvision_teacher(checkpoint):
+        from detkd.adapters.torchvision import teacher_adapter
+        from detkd.ultralytics_internals import ultralytics_offline
+
+        ultralytics_offline()
+        from ultralytics.utils.torch_utils import select_device
+
+        teacher = teacher_adapter(checkpoint, select_device(device or "", verbose=False))
+        found = (d.above(conf) for d in torchvision_detections(teacher, paths, imgsz, batch))
+        return teacher.names, found
+    model = load_yolo_checkpoint(checkpoint)
+    return model.names, ultralytics_detections(model, paths, imgsz, batch, device, conf=conf)
 
 
 def predict_checkpoint(
     checkpoint: str | os.PathLike, dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, device=None
 ) -> list[dict]:
-    """COCO-format detections of a checkpoint of any family detkd knows (a detkd torchvision teacher, else
-    Ultralytics, whose loader names what a foreign file is not)."""
-    from detkd.adapters.torchvision import is_torchvision_teacher
+    """COCO-format detections of a checkpoint of any family detkd knows (see :func:`checkpoint_detections`) on every
+    image of ``dataset``, at Ultralytics' validation settings for its models."""
+    paths = [str(im.path) for im in dataset.images]
+    names, found = checkpoint_detections(checkpoint, paths, imgsz=imgsz, batch=batch, device=device)
+    return _to_coco(dataset, names, found)
 
-    if is_torchvision_teacher(checkpoint):
-        return predict_torchvision(checkpoint, dataset, imgsz=imgsz, batch=batch, device=device)
-    return predict_ultralytics(checkpoint, dataset, imgsz=imgsz, batch=batch, device=device)
+
+def _to_coco(dataset: DetectionDataset, names: Mapping[int, str], found: Iterable[Detections]) -> list[dict]:
+    mapping = class_to_category(names, dataset)
+    detections = []
+    for image, d in zip(dataset.images, found):
+        detections.extend(_to_coco_results(image.id, d.xyxy, d.scores, d.classes, mapping))
+    return detections
 
 
 def _to_coco_results(image_id: int, xyxy, scores, classes, mapping: Mapping[int, int]) -> Iterable[dict]:

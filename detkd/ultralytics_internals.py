@@ -374,6 +374,110 @@ class StudentAndDistiller(nn.Module):
         self.distiller = distiller
 
 
+# --- unlabeled images in training (detkd.engine.trainer) ---------------------------------------------------------
+
+
+def unlabeled_dataset(args, image_list: Path, data: dict, batch: int, stride: int):
+    """Ultralytics' training ``YOLODataset`` over the images listed in ``image_list`` (a text file, one absolute path a
+    line: how it takes a list of images) with every image's label list empty, whatever label files
+    lie beside them: unlabeled images must never be read as labeled (a folder of a labeled set's images, used as
+    unlabeled footage, has its ``labels/`` next to it). ``get_labels`` is its method that reads label files (and
+    writes a ``.cache`` beside them); here it returns, per image, the label dict its own scan returns for an image
+    without labels (``YOLODataset.result_to_label``), so nothing is read or written. The arguments are those of
+    ``build_yolo_dataset`` in training mode, so augmentation is the trainer's: its mosaic and mixup then only ever
+    combine unlabeled images with unlabeled images, and no partly labeled image can pass as fully labeled."""
+    import numpy as np
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.utils import colorstr
+
+    def shape(file: str) -> tuple[int, int]:  # (h, w) from the header; Ultralytics reads it for rectangular batches
+        with pil_image_open(Path(file)) as im:
+            return im.size[::-1]
+
+    class UnlabeledDataset(YOLODataset):
+        def get_labels(self) -> list[dict]:
+            return [
+                {
+                    "im_file": f,
+                    "shape": shape(f),
+                    "cls": np.zeros((0, 1), dtype=np.float32),
+                    "bboxes": np.zeros((0, 4), dtype=np.float32),
+                    "segments": [],
+                    "keypoints": None,
+                    "normalized": True,
+                    "bbox_format": "xywh",
+                }
+                for f in self.im_files
+            ]
+
+    return UnlabeledDataset(
+        img_path=str(image_list),
+        imgsz=args.imgsz,
+        batch_size=batch,  # sizes the mosaic's image buffer
+        augment=True,
+        hyp=args,
+        rect=False,
+        cache=args.cache or None,
+        single_cls=args.single_cls or False,
+        stride=stride,
+        pad=0.0,
+        prefix=colorstr("unlabeled: "),
+        task=args.task,
+        classes=args.classes,
+        data=data,
+    )
+
+
+def build_dataloader(dataset, batch: int, workers: int, rank: int, device):
+    """Ultralytics' training dataloader (``ultralytics.data.build_dataloader``: its ``InfiniteDataLoader``, workers
+    kept across passes, a distributed sampler under DDP, the dataset's own ``collate_fn``), shuffled."""
+    from ultralytics.data import build_dataloader
+
+    return build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=rank, device=device)
+
+
+def close_mosaic(loader, args) -> None:
+    """Turn mosaic (and mixup, copy-paste) off in a training loader's dataset, as
+    ``BaseTrainer._close_dataloader_mosaic`` does for the labeled loader in the last ``close_mosaic`` epochs: the
+    dataset's ``mosaic`` flag, its ``close_mosaic(hyp)`` (which rebuilds its transforms), and ``reset()`` so that
+    workers see the change."""
+    from copy import copy
+
+    loader.dataset.mosaic = False
+    loader.dataset.close_mosaic(hyp=copy(args))
+    loader.reset()
+
+
+def concat_batches(labeled: dict, unlabeled: dict) -> dict:
+    """One collated batch (``YOLODataset.collate_fn``'s layout) of the labeled images followed by the unlabeled ones:
+    tensors concatenated along the first dimension (images, and the box rows ``cls``/``bboxes``/``batch_idx``, whose
+    ``batch_idx`` is the image's index in the batch, so the second part's is shifted), lists and tuples joined."""
+    n = labeled["img"].shape[0]
+    out = {}
+    for key, first in labeled.items():
+        second = unlabeled[key]
+        if key == "batch_idx":
+            second = second + n
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.cat((first, second.to(first.dtype)), 0)
+        else:
+            out[key] = type(first)([*first, *second])
+    return out
+
+
+def head_outputs_of_images(preds, images: slice):
+    """The Detect head's raw output (see :func:`dense_head_outputs`) for some of the batch's images: every tensor in
+    it (``boxes``, ``scores``, each of ``feats``, in both branches of end-to-end heads) has the image as its first
+    dimension."""
+    if isinstance(preds, torch.Tensor):
+        return preds[images]
+    if isinstance(preds, dict):
+        return {k: head_outputs_of_images(v, images) for k, v in preds.items()}
+    if isinstance(preds, (list, tuple)):
+        return type(preds)(head_outputs_of_images(v, images) for v in preds)
+    return preds
+
+
 # --- elsewhere ----------------------------------------------------------------------------------------------------
 
 
@@ -393,13 +497,14 @@ def cpu_name() -> str:
     return get_cpu_info()
 
 
-def progress_bar(**kwargs):
+def progress_bar(iterable=None, **kwargs):
     """Ultralytics' own progress bar (``ultralytics.utils.TQDM``: tqdm's interface, a rate in units per second),
-    shown on stderr whatever Ultralytics' log level: detkd's long commands look like Ultralytics' and need no tqdm
-    dependency (Ultralytics 8.4 no longer installs tqdm)."""
+    shown on stderr whatever Ultralytics' log level: detkd's long commands (video, frame extraction,
+    pseudo-labelling) look like Ultralytics' and need no tqdm dependency (Ultralytics 8.4 no longer installs tqdm)."""
+    ultralytics_offline()
     from ultralytics.utils import TQDM
 
-    return TQDM(**{"file": sys.stderr, "disable": False, **kwargs})
+    return TQDM(iterable, **{"file": sys.stderr, "disable": False, **kwargs})
 
 
 def prediction_backend(yolo, image, imgsz: int, device=None) -> tuple[nn.Module, torch.Tensor]:

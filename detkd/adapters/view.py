@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -41,6 +41,22 @@ class DetectorView:
 
     def level_sizes(self) -> list[int]:
         return [f.shape[-2] * f.shape[-1] for f in self.feats]
+
+    def of_images(self, which: slice) -> DetectorView:
+        """The view of some of the batch's images (a batch of labeled and unlabeled ones is split by it); anchors and
+        strides are shared by all images."""
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[which]
+
+        return replace(
+            self,
+            feats=[f[which] for f in self.feats],
+            cls_logits=cut(self.cls_logits),
+            box_logits=cut(self.box_logits),
+            box_ltrb=cut(self.box_ltrb),
+            backbone_feats=None if self.backbone_feats is None else [f[which] for f in self.backbone_feats],
+        )
 
 
 class DetectorAdapter(Protocol):

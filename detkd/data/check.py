@@ -186,12 +186,13 @@ def _box_problem(x: float, y: float, w: float, h: float, width: float | None, he
 def _check_images(found: dict[str, list[str]], images: dict[Path, str]) -> None:
     """Decode every image (threads: PIL decodes without the GIL)."""
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 4)) as pool:
-        for name, kind in zip(images.values(), pool.map(_image_problem, images), strict=True):
+        for name, kind in zip(images.values(), pool.map(image_problem, images), strict=True):
             if kind:
                 found[kind].append(name)
 
 
-def _image_problem(path: Path) -> str | None:
+def image_problem(path: Path) -> str | None:
+    """What is wrong with an image file (missing, unreadable: a full decode), or None."""
     if not path.is_file():
         return MISSING_IMAGE
     try:

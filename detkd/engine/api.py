@@ -32,6 +32,8 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
         raise DetkdError("recipe: 'teacher' is not set (give teacher=path/to/teacher.pt)")
     if recipe.teacher and not recipe.distills:
         raise DetkdError("recipe: a teacher is set but 'distill' has no loss with a weight > 0")
+    if recipe.unlabeled and not recipe.teacher:
+        raise DetkdError("recipe: unlabeled images learn only from a teacher: set 'teacher' and 'distill' terms")
     if not recipe.teacher and not recipe.init.source:
         raise DetkdError("recipe: nothing to do beyond plain training (set a teacher, or init.source to transfer)")
     if recipe.chain:
@@ -50,6 +52,12 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
     if recipe.init.source and not Path(recipe.init.source).is_file():
         raise DetkdError(f"{recipe.init.source}: init.source checkpoint not found (detkd never downloads weights)")
     check_dataset(recipe.data).raise_if_errors()
+    frames = None
+    if recipe.unlabeled:  # unreadable files are named and skipped; videos are sampled into their cache here
+        from detkd.data.frames import collect_frames
+
+        u = recipe.unlabeled
+        frames = collect_frames(u.source, u.every, u.dedupe, u.cache)
     with trust_checkpoints(recipe.trust_checkpoints):
         if Path(recipe.student).suffix in {".yaml", ".yml"}:
             from ultralytics import YOLO
@@ -57,7 +65,7 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
             model = YOLO(recipe.student)
         else:
             model = load_yolo_checkpoint(recipe.student)
-        model.train(trainer=trainer_for(recipe), data=str(recipe.data), **recipe.train)
+        model.train(trainer=trainer_for(recipe, frames), data=str(recipe.data), **recipe.train)
     return Path(model.trainer.best)
 
 

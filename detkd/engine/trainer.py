@@ -7,6 +7,14 @@
 - ``teacher:`` + ``distill:`` — it loads the frozen teacher, builds the :class:`~detkd.distiller.Distiller`,
   puts its learned parts in the optimizer, and swaps the student's criterion for
   :class:`~detkd.engine.criterion.DistillationCriterion`.
+- ``unlabeled:`` — a second dataloader over the unlabeled frames (:mod:`detkd.data.frames`): Ultralytics' own
+  training dataset with every label list empty (:func:`~detkd.ultralytics_internals.unlabeled_dataset`), so the
+  trainer's augmentation applies, and its mosaic and mixup only ever combine unlabeled images with unlabeled ones:
+  a mosaic is wholly labeled or wholly unlabeled, never partly labeled passed off as fully labeled. It is cycled
+  (its own epochs are independent of the labeled set's) and each step appends ``round(ratio × batch)`` of its images
+  to the labeled batch (``preprocess_batch``); the criterion splits the batch again (task loss on the labeled part,
+  distillation terms on both, see :mod:`detkd.engine.criterion`). Its mosaic closes with the labeled loader's
+  (``close_mosaic``). After an out-of-memory retry halves the labeled batch, the unlabeled batch keeps its size.
 
 Everything else — augmentation, AMP, EMA, validation, ``results.csv``, plots, checkpoints — is Ultralytics' code
 path, so ``best.pt``/``last.pt`` stay plain student checkpoints. The recipe, the transfer report and the
@@ -15,7 +23,8 @@ that a killed run resumes. On several GPUs, :mod:`detkd.engine.ddp` carries the 
 the distiller's gradients; the student is read through ``unwrap_model`` wherever DDP wraps it.
 
 Ultralytics is extended through its public hooks only: ``setup_model`` (transfer), ``build_optimizer`` (teacher and
-distiller, whose connectors train with the student), ``optimizer_step`` (the distiller's gradients averaged across
+distiller, whose connectors train with the student), ``preprocess_batch`` (unlabeled images appended),
+``optimizer_step`` (the distiller's gradients averaged across
 GPUs), ``save_model`` (the distiller's state), the student's ``criterion``, and callbacks: ``on_pretrain_routine_end``
 (freezing, the criterion), ``on_train_epoch_start`` and ``on_train_batch_start`` (release, schedule, frozen BN
 layers kept in eval mode), ``teardown`` (the student leaves with its own criterion, also after an error). What else
@@ -34,14 +43,15 @@ from torch import nn
 from detkd import ultralytics_internals as internals
 from detkd.adapters import DetectorAdapter, UltralyticsAdapter, create_teacher
 from detkd.config import Recipe, save_recipe
+from detkd.data.frames import FrameSet, collect_frames
 from detkd.distiller import Distiller, schedule_factor
 from detkd.engine import ddp
-from detkd.engine.criterion import DistillationCriterion
-from detkd.utils import atomic_write, save_json
+from detkd.engine.criterion import LABELED, DistillationCriterion
+from detkd.utils import atomic_write, save_json, write_text
 
 internals.ultralytics_offline()
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
-from ultralytics.utils import LOGGER  # noqa: E402
+from ultralytics.utils import LOCAL_RANK, LOGGER  # noqa: E402
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
 
@@ -55,6 +65,10 @@ class DetkdTrainer(DetectionTrainer):
     transferred: frozenset[str] = frozenset()  # student parameter names that came from the init source
     frozen = False  # transferred tensors fixed this epoch
     frozen_bn: tuple[nn.Module, ...] = ()  # BN layers kept in eval mode while they are
+    frames: FrameSet | None = None  # the recipe's unlabeled frames, when the caller collected them already
+    unlabeled_loader = None  # Ultralytics' InfiniteDataLoader over them
+    _unlabeled_batches = None  # its current pass
+    _unlabeled_mosaic_closed = False
 
     def __init__(self, *args, **kwargs):
         if not hasattr(self, "recipe"):  # a DDP rank that imported this class by name (see detkd.engine.ddp)
@@ -124,6 +138,39 @@ class DetkdTrainer(DetectionTrainer):
             )
         return optimizer
 
+    # --- unlabeled images ------------------------------------------------------------------------------------
+    def preprocess_batch(self, batch):
+        """The labeled batch, then (in a run with unlabeled images) the next unlabeled batch after it."""
+        if self.unlabeled_loader is not None:
+            labeled = batch["img"].shape[0]
+            batch = internals.concat_batches(batch, self._next_unlabeled())
+            batch[LABELED] = labeled
+        return super().preprocess_batch(batch)
+
+    def _next_unlabeled(self) -> dict:
+        """The unlabeled loader, cycled: a new pass (new shuffle) whenever one ends."""
+        for _ in range(2):
+            if self._unlabeled_batches is None:
+                self._unlabeled_batches = iter(self.unlabeled_loader)
+            try:
+                return next(self._unlabeled_batches)
+            except StopIteration:
+                self._unlabeled_batches = None
+        raise RuntimeError("the unlabeled dataloader yields no batch")  # it holds at least one image: cannot happen
+
+    def _build_unlabeled_loader(self) -> None:
+        cfg = self.recipe.unlabeled
+        frames = self.frames or collect_frames(cfg.source, cfg.every, cfg.dedupe, cfg.cache)  # DDP ranks, resume
+        LOGGER.info(f"detkd: {frames.format()}")
+        stride = max(int(unwrap_model(self.model).stride.max()), 32)
+        image_list = write_text(
+            Path(self.save_dir) / "unlabeled.txt", "".join(f"{f.resolve()}\n" for f in frames.files)
+        )
+        batch = max(1, round(self.train_loader.batch_size * cfg.ratio))
+        dataset = internals.unlabeled_dataset(self.args, image_list, self.data, batch, stride)
+        self.unlabeled_loader = internals.build_dataloader(dataset, batch, self.args.workers, LOCAL_RANK, self.device)
+        LOGGER.info(f"detkd: {batch} unlabeled images join each batch of {self.train_loader.batch_size} labeled ones")
+
     def optimizer_step(self):
         if self.distiller is not None:
             ddp.average_gradients(self.distiller)  # DDP averages the student's only
@@ -167,9 +214,13 @@ def _finish_setup(trainer: DetkdTrainer) -> None:
     if trainer.teacher is not None:
         student = unwrap_model(trainer.model)
         task = student.criterion if getattr(student, "criterion", None) is not None else student.init_criterion()
-        trainer.criterion = DistillationCriterion(task, UltralyticsAdapter(student), trainer.teacher, trainer.distiller)
+        trainer.criterion = DistillationCriterion(
+            task, UltralyticsAdapter(student), trainer.teacher, trainer.distiller, trainer.recipe.unlabeled
+        )
         student.criterion = trainer.criterion
         trainer.add_callback("on_train_batch_start", _update_schedule)
+        if trainer.recipe.unlabeled is not None:
+            trainer._build_unlabeled_loader()
 
 
 def _restore_student(trainer: DetkdTrainer) -> None:
@@ -177,6 +228,8 @@ def _restore_student(trainer: DetkdTrainer) -> None:
     if trainer.criterion is not None:
         trainer.criterion.remove()
         unwrap_model(trainer.model).criterion = None
+    if trainer.unlabeled_loader is not None:
+        trainer.unlabeled_loader.reset()  # its workers end with the run
 
 
 def _keep_frozen_bn_in_eval(trainer: DetkdTrainer) -> None:
@@ -187,6 +240,10 @@ def _keep_frozen_bn_in_eval(trainer: DetkdTrainer) -> None:
 
 def _start_epoch(trainer: DetkdTrainer) -> None:
     trainer._batch_index = 0
+    closing = trainer.args.close_mosaic and trainer.epoch >= trainer.epochs - trainer.args.close_mosaic
+    if trainer.unlabeled_loader is not None and closing and not trainer._unlabeled_mosaic_closed:
+        internals.close_mosaic(trainer.unlabeled_loader, trainer.args)  # as Ultralytics closes the labeled loader's
+        trainer._unlabeled_batches, trainer._unlabeled_mosaic_closed = None, True
     if trainer.frozen and trainer.epoch >= trainer.recipe.init.freeze_epochs:
         trainer._set_transferred_trainable(True)
         LOGGER.info(f"detkd: transferred tensors released at epoch {trainer.epoch + 1}")
@@ -201,6 +258,7 @@ def _update_schedule(trainer: DetkdTrainer) -> None:
     trainer._batch_index += 1
 
 
-def trainer_for(recipe: Recipe) -> type[DetkdTrainer]:
-    """A trainer class bound to ``recipe`` (Ultralytics instantiates trainers from their class)."""
-    return type("DetkdTrainer", (DetkdTrainer,), {"recipe": recipe})
+def trainer_for(recipe: Recipe, frames: FrameSet | None = None) -> type[DetkdTrainer]:
+    """A trainer class bound to ``recipe`` (Ultralytics instantiates trainers from their class), and to the
+    recipe's unlabeled ``frames`` when they were collected before (else the trainer collects them)."""
+    return type("DetkdTrainer", (DetkdTrainer,), {"recipe": recipe, "frames": frames})
