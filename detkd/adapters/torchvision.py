@@ -6,8 +6,8 @@ stride-8 teacher level pairs with the student's P3 cell for cell. What it offers
 
 - FPN (neck) levels with their real strides (4 ... 64 for a ResNet FPN), and the backbone's stage outputs (C2-C5);
 - RPN objectness, a dense class-agnostic map per level (one logit per anchor shape and cell);
-- no dense class or box head: the second stage is evaluated at boxes the caller gives (:meth:`second_stage`),
-  and its final detections come from :meth:`detections`.
+- no dense class or box head: the second stage is evaluated at boxes the caller gives (:meth:`second_stage`, also
+  offered by each view as ``view.second_stage``), and its final detections come from :meth:`detections`.
 
 A detkd torchvision teacher checkpoint is a plain ``torch.save`` dict (:func:`save_torchvision_teacher`): the
 architecture's name in :data:`ARCHITECTURES`, the class names by class-logit column, the input size it was
@@ -22,7 +22,8 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,6 +85,7 @@ class TorchvisionAdapter:
     """A frozen torchvision ``GeneralizedRCNN`` run on letterboxed batches and read as a :class:`DetectorView`."""
 
     dense_head = False  # no per-anchor class/box outputs: the distiller refuses dense logit/box terms with it
+    roi_head = True  # its second stage judges given boxes: the distiller's second_stage terms
 
     def __init__(self, model: nn.Module, names: Mapping[int, str]):
         from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -132,16 +134,19 @@ class TorchvisionAdapter:
         return OrderedDict(), levels if isinstance(levels, dict) else OrderedDict([("0", levels)])
 
     def view(self, preds: tuple[OrderedDict[str, Tensor], OrderedDict[str, Tensor]]) -> DetectorView:
-        """The view of :meth:`_features`' output: both feature sets (the RPN's objectness on demand:
-        :meth:`objectness`, so that a training step does not pay for what no term reads)."""
+        """The view of :meth:`_features`' output: both feature sets, and the second stage on its FPN levels (the
+        RPN's objectness on demand: :meth:`objectness`, so that a training step does not pay for what no term reads)."""
         stages, levels = preds
-        return DetectorView(
+        view = DetectorView(
             feats=list(levels.values()),
             strides=self.strides,
             names=self.names,
             backbone_feats=list(stages.values()) or None,
             backbone_strides=self.backbone_strides or None,
         )
+        # bound to a copy (without this field), so that the view and its function do not hold each other in a cycle
+        view.second_stage = partial(self.second_stage, replace(view))
+        return view
 
     @torch.no_grad()
     def objectness(self, view: DetectorView) -> list[Tensor]:
