@@ -345,7 +345,7 @@ def measure_recipe(
     data = check_det_dataset(str(recipe.data))
     names = dict(data["names"])
 
-    teacher = create_teacher(recipe.teacher, dev)
+    teacher = create_teacher(recipe.teacher, dev, recipe.teacher_weights)
     if Path(recipe.student).suffix in {".yaml", ".yml"}:
         torch.manual_seed(0)
         student = DetectionModel(recipe.student, nc=len(names), verbose=False)

@@ -166,12 +166,11 @@ class Distiller(nn.Module):
         dense logit/box terms and losses weighted by dense class scores pair the teacher's per-anchor outputs, which
         a two-stage teacher does not have; ``second_stage`` terms need a teacher's RoI head to judge boxes, which a
         single-stage teacher does not have."""
-        kind = type(teacher.model).__name__
         if cfg.second_stage.active and not getattr(teacher, "roi_head", False):
             raise DetkdError(
                 f"recipe: distill.second_stage needs a two-stage teacher's second stage (RoI head) to judge the "
-                f"student's boxes, which this teacher ({kind}: single-stage) does not have; use distill.logit and "
-                "distill.box with it"
+                f"student's boxes, which this teacher ({type(teacher.model).__name__}: single-stage) does not have; "
+                "use distill.logit and distill.box with it"
             )
         if teacher.dense_head:
             return
@@ -184,7 +183,8 @@ class Distiller(nn.Module):
         if dense_terms:
             raise DetkdError(
                 f"recipe: {dense_terms[0]} needs the teacher's dense per-anchor outputs, which this teacher "
-                f"({kind}: two-stage, no dense head) does not have; use feature terms and distill.second_stage with it"
+                f"({type(teacher.model).__name__}: two-stage, no dense head) does not have; use feature terms and "
+                "distill.second_stage with it"
             )
 
     @staticmethod

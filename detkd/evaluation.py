@@ -143,7 +143,21 @@ def predict_ultralytics(
 def predict_torchvision(
     checkpoint: str | os.PathLike, dataset: DetectionDataset, imgsz: int = 640, batch: int = 16, device=None
 ) -> list[dict]:
-    """COCO-format detections of a detkd torchvision teacher checkpoint on every image of ``dataset``.
+    """COCO-format detections of a detkd torchvision teacher checkpoint on every image of ``dataset``
+    (:func:`predict_teacher`)."""
+    from detkd.adapters.torchvision import teacher_adapter
+    from detkd.ultralytics_internals import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.utils.torch_utils import select_device
+
+    teacher = teacher_adapter(checkpoint, select_device(device or "", verbose=False))
+    return predict_teacher(teacher, dataset, imgsz=imgsz, batch=batch)
+
+
+def predict_teacher(teacher, dataset: DetectionDataset, imgsz: int = 640, batch: int = 16) -> list[dict]:
+    """COCO-format detections of a torchvision teacher (a
+    :class:`~detkd.adapters.torchvision.TorchvisionAdapter`, on its device) on every image of ``dataset``.
 
     Each image is letterboxed to ``imgsz`` square as a student's batch is (Ultralytics' ``LetterBox``), seen by the
     teacher exactly as in distillation (:meth:`~detkd.adapters.torchvision.TorchvisionAdapter.detections`: its own
@@ -152,15 +166,12 @@ def predict_torchvision(
     import numpy as np
     import torch
 
-    from detkd.adapters.torchvision import teacher_adapter
     from detkd.ultralytics_internals import ultralytics_offline
 
     ultralytics_offline()
     from ultralytics.data.augment import LetterBox
     from ultralytics.utils.ops import scale_boxes
-    from ultralytics.utils.torch_utils import select_device
 
-    teacher = teacher_adapter(checkpoint, select_device(device or "", verbose=False))
     mapping = class_to_category(teacher.names, dataset)
     device = next(teacher.model.parameters()).device
     letterbox = LetterBox((imgsz, imgsz), auto=False)

@@ -391,3 +391,11 @@ def cpu_name() -> str:
     from ultralytics.utils.torch_utils import get_cpu_info
 
     return get_cpu_info()
+
+
+def progress_bar(iterable, **kwargs):
+    """Ultralytics' own progress bar (``ultralytics.utils.TQDM``, tqdm's interface without the tqdm package, which
+    detkd does not depend on), so that detkd's own long loops (the teacher trainer) look like Ultralytics' training."""
+    from ultralytics.utils import TQDM
+
+    return TQDM(iterable, **kwargs)

@@ -20,7 +20,7 @@ LAYERS = [
     ["detkd.ultralytics_internals"],  # every use of Ultralytics internals
     ["detkd.data", "detkd.config"],
     ["detkd.evaluation", "detkd.adapters"],
-    ["detkd.distiller", "detkd.transfer", "detkd.export"],
+    ["detkd.distiller", "detkd.transfer", "detkd.export", "detkd.teacher_train"],
     ["detkd.engine.criterion", "detkd.engine.ddp"],
     ["detkd.engine.trainer"],
     ["detkd.engine"],  # api
