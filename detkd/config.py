@@ -86,7 +86,9 @@ class SecondStageConfig:
     At the student's assigned positives plus its ``topk`` most confident anchors per image, the teacher's RoI head
     scores each student box (``cls``: its probabilities as soft targets of the student's class sigmoids) and refines
     it (``box``: the refined box as GIoU + L1 target, weighted by the teacher's confidence). See
-    :mod:`detkd.losses.second_stage`."""
+    :mod:`detkd.losses.second_stage`. A section of its own, not ``logit``/``box``: their keys (locations,
+    temperature, LD, the teacher-better gate) pair dense anchors, which a two-stage teacher does not have, and each
+    kind of teacher refuses the other's terms in one line. Logged as ``kd_rcnn_cls`` and ``kd_rcnn_box``."""
 
     cls_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
     box_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
