@@ -209,6 +209,29 @@ def _diagnose(args) -> None:
         print(f"diagnosis: {save_json(diagnosis.to_json(), args.out)}")
 
 
+def _teacher_train(args) -> None:
+    import json
+
+    from detkd.evaluation import format_table
+    from detkd.teacher_train import train_teacher
+
+    teacher = train_teacher(
+        args.arch,
+        args.data,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        out=args.out,
+        batch=args.batch,
+        device=args.device,
+        workers=args.workers,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    metrics = json.loads((teacher.parent / "coco_metrics.json").read_text())
+    print(format_table({teacher.stem: metrics}))
+    print(f"teacher: {teacher}")
+
+
 def _overrides(pairs: list[str]) -> dict:
     from detkd.config import parse_overrides
 
@@ -274,6 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     # listed for --help; its own options are parsed by detkd.benchmark (see main below)
     sub.add_parser("benchmark", help="compare methods at one budget: detkd benchmark --profile quick|cpu|gpu ...")
+
+    teacher = sub.add_parser("teacher", help="train a torchvision two-stage teacher").add_subparsers(
+        dest="teacher_command", required=True, metavar="ACTION"
+    )
+    p = teacher.add_parser("train", help="train a Faster R-CNN on letterboxed images, as distillation will feed it")
+    p.add_argument("--arch", required=True, help="fasterrcnn_resnet18_fpn, fasterrcnn_resnet50_fpn_v2, ... (scratch)")
+    p.add_argument("--data", required=True, help="YOLO data .yaml or COCO instances .json (train and val splits)")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--imgsz", type=int, required=True, help="letterboxed input size, a multiple of 32")
+    p.add_argument("--out", required=True, help="folder: teacher.pt, results.csv, coco_metrics.json, weights/last.pt")
+    p.add_argument("--batch", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate at batch 16 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.set_defaults(func=_teacher_train)
 
     p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats) or footage (MP4)")
     p.add_argument("--out", help="output folder of a scene set")

@@ -82,6 +82,27 @@ class BoxLossConfig:
 
 
 @dataclass
+class SecondStageConfig:
+    """Terms in which a two-stage teacher's second stage (its RoI head) judges the student's own decoded boxes.
+
+    At the student's assigned positives plus its ``topk`` most confident anchors per image, the teacher's RoI head
+    scores each student box (``cls``: its probabilities as soft targets of the student's class sigmoids) and refines
+    it (``box``: the refined box as GIoU + L1 target, weighted by the teacher's confidence). See
+    :mod:`detkd.losses.second_stage`. A section of its own, not ``logit``/``box``: their keys (locations,
+    temperature, LD, the teacher-better gate) pair dense anchors, which a two-stage teacher does not have, and each
+    kind of teacher refuses the other's terms in one line. Logged as ``kd_rcnn_cls`` and ``kd_rcnn_box``."""
+
+    cls_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    box_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
+    l1_weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # image-normalised L1 relative to GIoU
+    topk: int = field(default=50, metadata=NON_NEGATIVE)  # anchors per image by the student's max class score
+
+    @property
+    def active(self) -> bool:
+        return self.cls_weight > 0 or self.box_weight > 0
+
+
+@dataclass
 class ScheduleConfig:
     """Distillation weight over training: linear warm-up, optional decay, and a plain finish."""
 
@@ -95,6 +116,7 @@ class DistillConfig:
     feature: list[FeatureLossConfig] = field(default_factory=list)
     logit: LogitLossConfig = field(default_factory=LogitLossConfig)
     box: BoxLossConfig = field(default_factory=BoxLossConfig)
+    second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)  # two-stage teachers only
     class_map: dict[str, str] | None = None  # student class name -> teacher class name; default: by equal names
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -142,7 +164,10 @@ class UnlabeledConfig:
 
 @dataclass
 class Recipe:
-    teacher: str | None = None  # local checkpoint of a detector family detkd adapts (detkd.adapters.create_teacher)
+    # a local checkpoint of a detector family detkd adapts, or torchvision:ARCH with teacher_weights
+    # (detkd.adapters.create_teacher)
+    teacher: str | None = None
+    teacher_weights: str | None = None  # torchvision:ARCH's state dict file (or a weights name in torch hub's cache)
     student: str = "yolov8n.yaml"  # model config (from scratch) or checkpoint
     data: str | None = None  # YOLO data yaml
     train: dict[str, Any] = field(default_factory=dict)  # Ultralytics training keys, passed through
@@ -171,16 +196,21 @@ class Recipe:
     @property
     def distills(self) -> bool:
         d = self.distill
-        return bool(d.feature) or d.logit.weight > 0 or d.box.weight > 0
+        return bool(d.feature) or d.logit.weight > 0 or d.box.weight > 0 or d.second_stage.active
 
     def to_dict(self) -> dict:
-        """The recipe as plain data; ``trust_checkpoints`` and ``unlabeled`` only when set, so that recipes saved
-        before those keys existed (benchmark runs, ``distill.yaml``) still compare equal."""
+        """The recipe as plain data; keys added later (``trust_checkpoints``, ``unlabeled``, ``teacher_weights``,
+        ``distill.second_stage``) only when they differ from their defaults, so that recipes saved before they
+        existed (benchmark runs and their cache keys, ``distill.yaml``) still compare equal."""
         out = dataclasses.asdict(self)
         if not self.trust_checkpoints:
             del out["trust_checkpoints"]
         if self.unlabeled is None:
             del out["unlabeled"]
+        if self.teacher_weights is None:
+            del out["teacher_weights"]
+        if self.distill.second_stage == SecondStageConfig():
+            del out["distill"]["second_stage"]
         return out
 
 

@@ -35,6 +35,11 @@ from detkd.errors import DetkdError
 TERM_GRADIENT_RATIO = {"kd_cls": 0.9, "kd_box": 0.2}
 DEFAULT_GRADIENT_RATIO = 0.5  # feature terms (none won a screen): between the two
 BALANCE_SLACK = 10.0
+# the terms of a two-stage teacher's RoI head (detkd.losses.second_stage) and the recipe keys that weigh them
+SECOND_STAGE_TERMS = {
+    "kd_rcnn_cls": "distill.second_stage.cls_weight",
+    "kd_rcnn_box": "distill.second_stage.box_weight",
+}
 TEACHER_MIN_AP = 0.01  # below this a teacher's outputs are noise on this data (untrained, or another domain)
 TEACHER_MARGIN = 0.02  # a teacher must beat the student trained alone by at least this AP to have much to teach
 CAPACITY_RATIO = 1.5  # a teacher with fewer than 1.5× the student's parameters is hardly larger
@@ -220,6 +225,8 @@ def _weight_key(term: str, m: dict) -> str:
         return "distill.logit.weight"
     if term == "kd_box":
         return "distill.box.weight"
+    if term in SECOND_STAGE_TERMS:
+        return SECOND_STAGE_TERMS[term]
     index = m["feature_terms"].index(term)
     return f"distill.feature[{index}].weight"
 
@@ -338,7 +345,7 @@ def measure_recipe(
     data = check_det_dataset(str(recipe.data))
     names = dict(data["names"])
 
-    teacher = create_teacher(recipe.teacher, dev)
+    teacher = create_teacher(recipe.teacher, dev, recipe.teacher_weights)
     if Path(recipe.student).suffix in {".yaml", ".yml"}:
         torch.manual_seed(0)
         student = DetectionModel(recipe.student, nc=len(names), verbose=False)
@@ -361,7 +368,16 @@ def measure_recipe(
             "parameters": sum(p.numel() for p in teacher.model.parameters()),
         },
         "student": {"parameters": sum(p.numel() for p in student.parameters())},
-        "weights": {k: w for k, w in (("kd_cls", d.logit.weight), ("kd_box", d.box.weight)) if w > 0},
+        "weights": {
+            k: w
+            for k, w in (
+                ("kd_cls", d.logit.weight),
+                ("kd_box", d.box.weight),
+                ("kd_rcnn_cls", d.second_stage.cls_weight),
+                ("kd_rcnn_box", d.second_stage.box_weight),
+            )
+            if w > 0
+        },
         "feature_terms": [],
     }
     if baseline:
@@ -380,7 +396,7 @@ def measure_recipe(
     except DetkdError as e:  # unpairable heads or classes: judged from the measurements above, nothing to weigh
         m["setup_error"] = str(e)
         return m
-    m["feature_terms"] = [n for n in distiller.term_names if n not in ("kd_cls", "kd_box")]
+    m["feature_terms"] = [n for n in distiller.term_names if n not in ("kd_cls", "kd_box", *SECOND_STAGE_TERMS)]
     m["weights"].update(zip(m["feature_terms"], [f.weight for f in d.feature]))
     criterion = DistillationCriterion(student.init_criterion(), student_view, teacher, distiller)
 

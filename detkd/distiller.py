@@ -2,8 +2,9 @@
 
 Features pair by stride (P3 with P3 ...), through a connector from student to teacher channels (resized when
 the grids differ). Dense head outputs pair anchor by anchor, so logit and box terms need both heads on the same
-strides and input size. Classes pair by name (or ``class_map``): a COCO-80 teacher can teach a 3-class student;
-student classes the teacher does not know get no logit target.
+strides and input size. A two-stage teacher has no dense head; its RoI head judges the student's own decoded boxes
+instead (``second_stage`` terms, ``kd_rcnn_cls`` and ``kd_rcnn_box``). Classes pair by name (or ``class_map``): a
+COCO-80 teacher can teach a 3-class student; student classes the teacher does not know get no logit target.
 """
 
 from __future__ import annotations
@@ -154,15 +155,23 @@ class Distiller(nn.Module):
             )
         names = student.names if student_names is None else student_names
         s_idx, t_idx = class_pairs(names, teacher.names, cfg.class_map)
-        if cfg.logit.weight > 0 and not s_idx:
+        if (cfg.logit.weight > 0 or cfg.second_stage.cls_weight > 0) and not s_idx:
             raise DetkdError("recipe: logit distillation needs classes that teacher and student share (none match)")
         self.register_buffer("student_classes", torch.tensor(s_idx, dtype=torch.long), persistent=False)
         self.register_buffer("teacher_classes", torch.tensor(t_idx, dtype=torch.long), persistent=False)
 
     @staticmethod
     def _check_teacher_feeds(cfg: DistillConfig, teacher: DetectorAdapter) -> None:
-        """Refuse, before any step, a term the teacher cannot feed: dense logit/box terms and losses weighted by
-        dense class scores pair the teacher's per-anchor outputs, which a two-stage teacher does not have."""
+        """Refuse, before any step, a term the teacher cannot feed, in one line naming the term and the teacher:
+        dense logit/box terms and losses weighted by dense class scores pair the teacher's per-anchor outputs, which
+        a two-stage teacher does not have; ``second_stage`` terms need a teacher's RoI head to judge boxes, which a
+        single-stage teacher does not have."""
+        if cfg.second_stage.active and not getattr(teacher, "roi_head", False):
+            raise DetkdError(
+                f"recipe: distill.second_stage needs a two-stage teacher's second stage (RoI head) to judge the "
+                f"student's boxes, which this teacher ({type(teacher.model).__name__}: single-stage) does not have; "
+                "use distill.logit and distill.box with it"
+            )
         if teacher.dense_head:
             return
         dense_terms = [name for name, c in (("distill.logit", cfg.logit), ("distill.box", cfg.box)) if c.weight > 0]
@@ -174,7 +183,8 @@ class Distiller(nn.Module):
         if dense_terms:
             raise DetkdError(
                 f"recipe: {dense_terms[0]} needs the teacher's dense per-anchor outputs, which this teacher "
-                f"({type(teacher.model).__name__}: two-stage, no dense head) does not have; use feature terms with it"
+                f"({type(teacher.model).__name__}: two-stage, no dense head) does not have; use feature terms and "
+                "distill.second_stage with it"
             )
 
     @staticmethod
@@ -197,6 +207,10 @@ class Distiller(nn.Module):
             names.append("kd_cls")
         if self.cfg.box.weight > 0:
             names.append("kd_box")
+        if self.cfg.second_stage.cls_weight > 0:
+            names.append("kd_rcnn_cls")
+        if self.cfg.second_stage.box_weight > 0:
+            names.append("kd_rcnn_box")
         return names
 
     def forward(
@@ -259,7 +273,44 @@ class Distiller(nn.Module):
                 )
                 box = parts["giou"] + parts["l1"]
             terms[next(names)] = c.weight * box
+        if self.cfg.second_stage.active:
+            for value in self._second_stage_terms(s, t, batch, assigned):
+                terms[next(names)] = value
         return terms
+
+    def _second_stage_terms(
+        self, s: DetectorView, t: DetectorView, batch: dict, assigned: Assignment | None
+    ) -> list[Tensor]:
+        """The weighted ``second_stage`` terms, class then box (those with a weight): the teacher's RoI head judges
+        the student's decoded boxes at its assigned positives and its ``topk`` most confident anchors per image
+        (:mod:`detkd.losses.second_stage`)."""
+        c = self.cfg.second_stage
+        if assigned is None:
+            raise DetkdError(
+                "recipe: distill.second_stage judges the student's positives: it needs the student's "
+                "assigner, which is missing"
+            )
+        s_cls = s.cls_logits.float()
+        judged = assigned.fg_mask.clone()
+        k = min(c.topk, s_cls.shape[1])
+        if k:
+            top = s_cls.detach().amax(-1).topk(k, dim=1).indices
+            judged.scatter_(1, top, True)
+        image_size = tuple(batch["img"].shape[-2:])
+        boxes = s.boxes_xyxy(pixels=True).float()
+        verdict = t.second_stage([b[m].detach() for b, m in zip(boxes, judged)], image_size)
+        out = []
+        if c.cls_weight > 0:
+            targets, known = losses.second_stage_targets(
+                verdict.class_logits, self.student_classes, self.teacher_classes, s_cls.shape[-1]
+            )
+            out.append(c.cls_weight * losses.second_stage_class_kd(s_cls[judged], targets, known))
+        if c.box_weight > 0:
+            parts = losses.second_stage_box_kd(
+                boxes[judged], verdict.class_logits, verdict.boxes, image_size, l1_weight=c.l1_weight
+            )
+            out.append(c.box_weight * (parts["giou"] + parts["l1"]))
+        return out
 
     @staticmethod
     def _resize(s_map: Tensor, t_feat: Tensor) -> Tensor:

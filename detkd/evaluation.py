@@ -186,6 +186,14 @@ def torchvision_detections(teacher, paths: list[str], imgsz: int = 640, batch: i
             yield Detections(xyxy, found["scores"], found["labels"])
 
 
+def predict_teacher(teacher, dataset: DetectionDataset, imgsz: int = 640, batch: int = 16) -> list[dict]:
+    """COCO-format detections of a torchvision teacher (a
+    :class:`~detkd.adapters.torchvision.TorchvisionAdapter`, on its device) on every image of ``dataset``: what the
+    teacher trainer evaluates each epoch, on the model in memory."""
+    paths = [str(im.path) for im in dataset.images]
+    return _to_coco(dataset, teacher.names, torchvision_detections(teacher, paths, imgsz, batch))
+
+
 def checkpoint_detections(
     checkpoint: str | os.PathLike, paths: list[str], imgsz: int = 640, batch: int = 16, device=None, conf: float = 0.001
 ) -> tuple[dict[int, str], Iterator[Detections]]:

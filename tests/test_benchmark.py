@@ -117,7 +117,7 @@ def test_unknown_profile_lists_the_built_in_ones():
         load_profile("nope")
     assert str(e.value) == (
         "nope: neither a benchmark profile file nor a built-in benchmark profile (built-in benchmark profiles: "
-        "converged, cpu, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer)"
+        "converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer)"
     )
 
 
@@ -323,3 +323,22 @@ def test_a_run_cut_after_an_epoch_resumes_instead_of_starting_over(synth_data, t
     stamp = (run / "results.csv").stat().st_mtime_ns
     assert run_in_child(job) == 0 and job.finished() is not None
     assert (run / "results.csv").stat().st_mtime_ns == stamp
+
+
+def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_stage(synth_data, tmp_path):
+    profile = load_profile("frcnn")
+    assert profile.teacher.model == "torchvision:fasterrcnn_resnet18_fpn" and profile.baseline == "alone"
+    profile.data = DataSpec(yaml=str(synth_data))  # no generation of the profile's scenes
+    bench = Bench.prepare(profile, tmp_path)
+    assert bench.teacher.checkpoint == Path(bench.teacher.run_dir) / "teacher.pt"  # what detkd teacher train writes
+    assert Path(bench.teacher.run_dir).name.startswith("torchvision_fasterrcnn_resnet18_fpn_e40_")
+    jobs = {m.name: bench.job(m, 0) for m in profile.methods}
+    assert all(j.recipe["teacher"] == str(bench.teacher.checkpoint) for n, j in jobs.items() if n != "alone")
+    assert "second_stage" not in jobs["features"].recipe["distill"]  # at its defaults: left out of the cache key
+    assert jobs["features+cls"].recipe["distill"]["second_stage"]["cls_weight"] == 1.0
+    assert jobs["frcnn"].recipe["distill"] == load_recipe("frcnn").to_dict()["distill"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: {model: 'torchvision:fasterrcnn_resnet7_fpn'}\nmethods: [{name: a, kind: alone}]")
+    with pytest.raises(DetkdError, match=r"bad.yaml: 'teacher.model' torchvision:fasterrcnn_resnet7_fpn: unknown arch"):
+        load_profile(bad)

@@ -30,7 +30,7 @@ def test_data_check_exits_0_on_clean_data_and_1_on_errors(run_detkd, yolo_yaml):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["train", "nope.yaml", "teacher=t.pt"], "nope.yaml: recipe not found (built-in recipes: recommended, "),
+        (["train", "nope.yaml", "teacher=t.pt"], "nope.yaml: recipe not found (built-in recipes: frcnn, recommended, "),
         (["train", "recomended"], "recomended: neither a recipe file nor a built-in recipe (built-in recipes: "),
         (["benchmark", "--profile", "nope"], "nope: neither a benchmark profile file nor a built-in benchmark "),
         (["data", "check", "missing.yaml"], "missing.yaml"),

@@ -11,7 +11,7 @@ from detkd.errors import DetkdError
 
 
 def test_built_in_recipes_load_by_name_and_by_path():
-    assert builtin_names() == ["recommended", "ultralytics_builtin"]
+    assert builtin_names() == ["frcnn", "recommended", "ultralytics_builtin"]
     for name in builtin_names():
         recipe = load_recipe(name, ["teacher=t.pt", "epochs=3", "distill.logit.weight=0.5"])
         assert recipe.teacher == "t.pt" and recipe.train["epochs"] == 3 and recipe.distill.logit.weight == 0.5
@@ -36,7 +36,7 @@ def test_an_unknown_recipe_is_one_line_listing_the_built_in_names(given, message
     with pytest.raises(DetkdError) as e:
         load_recipe(given)
     text = str(e.value)
-    assert text.startswith(message) and text.endswith("(built-in recipes: recommended, ultralytics_builtin)")
+    assert text.startswith(message) and text.endswith("(built-in recipes: frcnn, recommended, ultralytics_builtin)")
     assert "\n" not in text
 
 

@@ -20,7 +20,15 @@ LAYERS = [
     ["detkd.ultralytics_internals"],  # every use of Ultralytics internals
     ["detkd.data", "detkd.config"],
     ["detkd.evaluation", "detkd.adapters"],
-    ["detkd.distiller", "detkd.transfer", "detkd.export", "detkd.video", "detkd.speed", "detkd.pseudo_label"],
+    [
+        "detkd.distiller",
+        "detkd.transfer",
+        "detkd.export",
+        "detkd.teacher_train",
+        "detkd.video",
+        "detkd.speed",
+        "detkd.pseudo_label",
+    ],
     ["detkd.engine.criterion", "detkd.engine.ddp"],
     ["detkd.engine.trainer"],
     ["detkd.engine"],  # api

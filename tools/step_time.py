@@ -64,7 +64,8 @@ class Setup:
             teacher_model = DetectionModel(args.teacher, nc=args.nc, verbose=False).eval().requires_grad_(False)
             teacher_model.names = {i: f"class{i}" for i in range(args.nc)}
             self.teacher = UltralyticsAdapter(teacher_model.to(args.device))
-        names = self.teacher.names  # the student learns the teacher's classes
+        # the student learns the teacher's classes, numbered 0 ... nc-1 (a torchvision teacher's start at 1)
+        names = dict(enumerate(self.teacher.names.values()))
         self.nc = len(names)
         student = DetectionModel(args.student, nc=self.nc, verbose=False).to(args.device)
         student.names, student.args = names, get_cfg()

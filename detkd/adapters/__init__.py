@@ -1,6 +1,6 @@
 """One view of any detector for distillation: neck features, dense head outputs, anchors (YOLO or torchvision)."""
 
-from detkd.adapters.teachers import TEACHER_FAMILIES, create_teacher, teacher_family
+from detkd.adapters.teachers import TEACHER_FAMILIES, check_teacher, create_teacher, teacher_family
 from detkd.adapters.torchvision import TorchvisionAdapter, save_torchvision_teacher
 from detkd.adapters.ultralytics import UltralyticsAdapter, detect_head, load_teacher, load_ultralytics_model
 from detkd.adapters.view import DetectorAdapter, DetectorView
@@ -11,6 +11,7 @@ __all__ = [
     "DetectorView",
     "TorchvisionAdapter",
     "UltralyticsAdapter",
+    "check_teacher",
     "create_teacher",
     "detect_head",
     "load_teacher",

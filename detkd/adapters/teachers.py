@@ -1,8 +1,10 @@
-"""The teacher factory: a recipe's ``teacher:`` checkpoint becomes the adapter of the detector family it holds.
+"""The teacher factory: a recipe's ``teacher:`` becomes the adapter of the detector family it names.
 
-Each family says how it recognises its checkpoints without loading them, and how it loads one as a frozen
-teacher behind its adapter (:class:`~detkd.adapters.view.DetectorAdapter`). A new family is one adapter module and
-one entry in :data:`TEACHER_FAMILIES`.
+``teacher:`` is a checkpoint, or ``PREFIX:ARCH`` (``torchvision:fasterrcnn_resnet50_fpn_v2``) with the recipe's
+``teacher_weights:`` for a family whose weights files carry no architecture (a torchvision state dict). Each family
+says how it recognises its checkpoints without loading them, how it loads one as a frozen teacher behind its adapter
+(:class:`~detkd.adapters.view.DetectorAdapter`), and, with a prefix, how it checks and builds a named architecture.
+A new family is one adapter module and one entry in :data:`TEACHER_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class TeacherFamily:
     kind: str  # how a user knows it, in the error for a checkpoint no family recognises
     recognises: Callable[[Path], bool]  # cheap and safe: must not run anything in the file
     load: Callable[[Path, torch.device | str], DetectorAdapter]  # the frozen teacher behind its adapter
+    prefix: str | None = None  # ``teacher: PREFIX:ARCH`` with ``teacher_weights``, for the two callables below
+    check_named: Callable[[str, str | None], object] | None = None  # (arch, weights): refuses bad ones, loads nothing
+    load_named: Callable[[str, str | None, torch.device | str], DetectorAdapter] | None = None
 
 
 TEACHER_FAMILIES: tuple[TeacherFamily, ...] = (
@@ -32,13 +37,46 @@ TEACHER_FAMILIES: tuple[TeacherFamily, ...] = (
         "detkd torchvision teacher (detkd.adapters.torchvision.save_torchvision_teacher)",
         torchvision.is_torchvision_teacher,
         torchvision.teacher_adapter,
+        prefix=torchvision.NAME_PREFIX,
+        check_named=torchvision.check_named_teacher,
+        load_named=torchvision.named_teacher_adapter,
     ),
 )
 
 
-def create_teacher(checkpoint: str | os.PathLike, device: torch.device | str = "cpu") -> DetectorAdapter:
-    """The frozen teacher in ``checkpoint`` (eval mode, no gradients), read by the family that recognises it."""
-    return teacher_family(checkpoint).load(Path(checkpoint), device)
+def create_teacher(
+    teacher: str | os.PathLike, device: torch.device | str = "cpu", weights: str | os.PathLike | None = None
+) -> DetectorAdapter:
+    """The frozen teacher (eval mode, no gradients) of a recipe's ``teacher:`` and ``teacher_weights:``: a checkpoint
+    read by the family that recognises it, or a named architecture (``torchvision:ARCH``) built with ``weights``."""
+    named = _named(teacher, weights)
+    if named is not None:
+        family, arch = named
+        return family.load_named(arch, weights, device)
+    return teacher_family(teacher).load(Path(teacher), device)
+
+
+def check_teacher(teacher: str | os.PathLike, weights: str | os.PathLike | None = None) -> None:
+    """Refuse a teacher that cannot load (a missing file, an unknown kind or architecture, missing weights) without
+    loading it: a run checks its teacher before it builds models."""
+    named = _named(teacher, weights)
+    if named is not None:
+        family, arch = named
+        family.check_named(arch, weights)
+    else:
+        teacher_family(teacher)
+
+
+def _named(teacher: str | os.PathLike, weights: str | os.PathLike | None) -> tuple[TeacherFamily, str] | None:
+    """(family, architecture) of ``PREFIX:ARCH``; None for a checkpoint, which holds its own weights."""
+    text = str(teacher)
+    for family in TEACHER_FAMILIES:
+        if family.prefix and text.startswith(family.prefix):
+            return family, text[len(family.prefix) :]
+    if weights is not None:
+        prefixes = ", ".join(f"{f.prefix}ARCH" for f in TEACHER_FAMILIES if f.prefix)
+        raise DetkdError(f"teacher_weights: {weights} is for a named teacher ({prefixes}); {text} is a checkpoint")
+    return None
 
 
 def teacher_family(checkpoint: str | os.PathLike) -> TeacherFamily:

@@ -6,8 +6,8 @@ stride-8 teacher level pairs with the student's P3 cell for cell. What it offers
 
 - FPN (neck) levels with their real strides (4 ... 64 for a ResNet FPN), and the backbone's stage outputs (C2-C5);
 - RPN objectness, a dense class-agnostic map per level (one logit per anchor shape and cell);
-- no dense class or box head: the second stage is evaluated at boxes the caller gives (:meth:`second_stage`),
-  and its final detections come from :meth:`detections`.
+- no dense class or box head: the second stage is evaluated at boxes the caller gives (:meth:`second_stage`, also
+  offered by each view as ``view.second_stage``), and its final detections come from :meth:`detections`.
 
 A detkd torchvision teacher checkpoint is a plain ``torch.save`` dict (:func:`save_torchvision_teacher`): the
 architecture's name in :data:`ARCHITECTURES`, the class names by class-logit column, the input size it was
@@ -22,7 +22,8 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from detkd.utils import atomic_write
 
 FORMAT_KEY = "detkd_torchvision_teacher"  # the checkpoint's marker key, recognised statically; its value: version
 FORMAT_VERSION = 1
+NAME_PREFIX = "torchvision:"  # a recipe's ``teacher: torchvision:ARCH`` (with ``teacher_weights``)
 _BACKGROUND, _UNUSED = "__background__", "N/A"  # torchvision's COCO list: column 0 and the ids COCO left empty
 
 
@@ -84,6 +86,7 @@ class TorchvisionAdapter:
     """A frozen torchvision ``GeneralizedRCNN`` run on letterboxed batches and read as a :class:`DetectorView`."""
 
     dense_head = False  # no per-anchor class/box outputs: the distiller refuses dense logit/box terms with it
+    roi_head = True  # its second stage judges given boxes: the distiller's second_stage terms
 
     def __init__(self, model: nn.Module, names: Mapping[int, str]):
         from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -132,16 +135,19 @@ class TorchvisionAdapter:
         return OrderedDict(), levels if isinstance(levels, dict) else OrderedDict([("0", levels)])
 
     def view(self, preds: tuple[OrderedDict[str, Tensor], OrderedDict[str, Tensor]]) -> DetectorView:
-        """The view of :meth:`_features`' output: both feature sets (the RPN's objectness on demand:
-        :meth:`objectness`, so that a training step does not pay for what no term reads)."""
+        """The view of :meth:`_features`' output: both feature sets, and the second stage on its FPN levels (the
+        RPN's objectness on demand: :meth:`objectness`, so that a training step does not pay for what no term reads)."""
         stages, levels = preds
-        return DetectorView(
+        view = DetectorView(
             feats=list(levels.values()),
             strides=self.strides,
             names=self.names,
             backbone_feats=list(stages.values()) or None,
             backbone_strides=self.backbone_strides or None,
         )
+        # bound to a copy (without this field), so that the view and its function do not hold each other in a cycle
+        view.second_stage = partial(self.second_stage, replace(view))
+        return view
 
     @torch.no_grad()
     def objectness(self, view: DetectorView) -> list[Tensor]:
@@ -216,13 +222,17 @@ def read_state_dict(weights: str | os.PathLike, arch: str) -> dict[str, Tensor]:
     """A torchvision state dict from a local file, or from a torchvision weights name (``DEFAULT``,
     ``COCO_V1``, ``FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1``) whose file is in torchvision's cache. Never
     downloads: a name without its file is an error saying where to put it."""
-    path = Path(weights)
-    if not path.is_file():
-        path = _cached_weights_file(str(weights), arch)
+    path = weights_file(weights, arch)
     state = _load_plain(path, "torchvision state dict")
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DetkdError(f"{path}: not a state dict (a mapping of names to tensors)")
     return dict(state)
+
+
+def weights_file(weights: str | os.PathLike, arch: str) -> Path:
+    """The file ``weights`` means: itself, or the cached file of a torchvision weights name of ``arch``."""
+    path = Path(weights)
+    return path if path.is_file() else _cached_weights_file(str(weights), arch)
 
 
 def _cached_weights_file(name: str, arch: str) -> Path:
@@ -288,6 +298,15 @@ def save_torchvision_teacher(
     where = str(weights) if not isinstance(weights, Mapping) else f"torchvision:{arch}"
     state = dict(weights) if isinstance(weights, Mapping) else read_state_dict(weights, arch)
     num_classes = num_classes_of(state, where)
+    names = _class_names(names, num_classes, where)
+    fit_weights(build_model(arch, num_classes), state, where)
+    checkpoint = {FORMAT_KEY: FORMAT_VERSION, "arch": arch, "names": names, "imgsz": int(imgsz), "model": state}
+    return atomic_write(out, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def _class_names(names: Mapping[int, str] | None, num_classes: int, where: str) -> dict[int, str]:
+    """Class names by class-logit column, checked against the predictor's ``num_classes`` columns; by default
+    torchvision's COCO names, which only weights with COCO's 91 columns can have."""
     if names is None:
         if num_classes != 91:
             raise DetkdError(f"{where}: {num_classes - 1} classes, not COCO's 90 columns: give their names")
@@ -295,9 +314,7 @@ def save_torchvision_teacher(
     names = {int(k): str(v) for k, v in names.items()}
     if not names or min(names) < 1 or max(names) >= num_classes:
         raise DetkdError(f"{where}: class names must be keyed by class-logit columns 1 ... {num_classes - 1}")
-    fit_weights(build_model(arch, num_classes), state, where)
-    checkpoint = {FORMAT_KEY: FORMAT_VERSION, "arch": arch, "names": names, "imgsz": int(imgsz), "model": state}
-    return atomic_write(out, lambda tmp: torch.save(checkpoint, tmp))
+    return names
 
 
 def is_torchvision_teacher(path: str | os.PathLike) -> bool:
@@ -322,6 +339,35 @@ def teacher_adapter(path: str | os.PathLike, device: torch.device | str = "cpu")
     """The frozen teacher of a detkd torchvision checkpoint behind its adapter (for ``create_teacher``)."""
     checkpoint, model = read_torchvision_teacher(path)
     return TorchvisionAdapter(model.to(device), checkpoint["names"])
+
+
+def check_named_teacher(arch: str, weights: str | os.PathLike | None) -> Path:
+    """The weights file of ``teacher: torchvision:ARCH``, checked without reading it (a known architecture, weights
+    given, their file present), so that a run refuses a bad teacher before it builds any model."""
+    check_architecture(arch)
+    if weights is None:
+        raise DetkdError(
+            f"teacher: {NAME_PREFIX}{arch} needs teacher_weights: FILE (a torchvision state dict; detkd never "
+            "downloads weights)"
+        )
+    return weights_file(weights, arch)
+
+
+def named_teacher_adapter(
+    arch: str, weights: str | os.PathLike | None, device: torch.device | str = "cpu"
+) -> TorchvisionAdapter:
+    """The frozen teacher of a recipe's ``teacher: torchvision:ARCH`` with ``teacher_weights: FILE``: a torchvision
+    state dict (a file, or a weights name whose file is in torch hub's cache) of COCO's 91 class columns, named by
+    COCO's class list. Weights of other classes carry no names: write a detkd teacher checkpoint for them
+    (``detkd teacher train`` or :func:`save_torchvision_teacher`)."""
+    state = read_state_dict(check_named_teacher(arch, weights), arch)
+    num_classes = num_classes_of(state, str(weights))
+    try:
+        names = _class_names(None, num_classes, str(weights))
+    except DetkdError as e:
+        raise DetkdError(f"{e}; for such weights write a detkd teacher checkpoint (save_torchvision_teacher)") from None
+    model = fit_weights(build_model(arch, num_classes), state, str(weights))
+    return TorchvisionAdapter(model.float().eval().requires_grad_(False).to(device), names)
 
 
 def _load_plain(path: Path | str | os.PathLike, kind: str):

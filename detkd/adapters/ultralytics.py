@@ -34,6 +34,7 @@ class UltralyticsAdapter:
     """Reads a :class:`DetectorView` off an Ultralytics ``DetectionModel``'s raw head output."""
 
     dense_head = True
+    roi_head = False
 
     def __init__(self, model: nn.Module, branch: str = "one2many"):
         self.model = model

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ class DetectorView:
 
     Dense outputs are flattened over the feature levels in ``strides`` order (P3 then P4 then P5), one row per
     anchor point, as Ultralytics' criterion sees them. A detector without dense outputs (a two-stage teacher) leaves
-    them ``None`` and offers features (and backbone stages) only.
+    them ``None`` and offers features (and backbone stages), and its second stage to judge boxes it is given.
     """
 
     feats: list[Tensor]  # (N, C, H, W) per neck level, strides 8/16/32 (an FPN: 4 ... 64)
@@ -28,6 +29,9 @@ class DetectorView:
     stride_tensor: Tensor | None = None  # (A, 1)
     backbone_feats: list[Tensor] | None = None  # (N, C, H, W) per backbone stage feeding the neck (ResNet C2-C5)
     backbone_strides: list[int] | None = None
+    # a two-stage detector's RoI head on this pass's features: (boxes per image (R_i, 4) xyxy pixels, (H, W) of the
+    # input) -> its verdict (detkd.adapters.torchvision.SecondStage); None for single-stage detectors
+    second_stage: Callable[[list[Tensor], tuple[int, int]], Any] | None = None
 
     @property
     def reg_max(self) -> int:
@@ -65,11 +69,13 @@ class DetectorAdapter(Protocol):
     ``channels``, ``strides`` and ``names`` describe the feature levels and classes (the distiller builds its
     connectors and class pairs from them); ``view`` reads a :class:`DetectorView` off the output of the model's
     forward pass (a student's, with gradients); calling the adapter runs the frozen model on images (a teacher's).
-    ``dense_head``: whether views carry per-anchor class and box outputs (logit and box terms pair them).
+    ``dense_head``: whether views carry per-anchor class and box outputs (logit and box terms pair them);
+    ``roi_head``: whether views carry a second stage that judges given boxes (the ``second_stage`` terms use it).
     """
 
     model: nn.Module
     dense_head: bool
+    roi_head: bool
 
     @property
     def channels(self) -> list[int]: ...

@@ -40,7 +40,11 @@ class Job:
 
     @property
     def checkpoint(self) -> Path:
-        return Path(self.run_dir) / "weights" / "best.pt" if self.train is not None else Path(self.model)
+        """What the run leaves: Ultralytics' ``weights/best.pt``, a torchvision teacher's ``teacher.pt``
+        (:mod:`detkd.teacher_train`), or the given checkpoint of a job that only evaluates."""
+        if self.train is None:
+            return Path(self.model)
+        return Path(self.run_dir) / ("teacher.pt" if _torchvision_arch(self.model) else "weights/best.pt")
 
     def finished(self) -> dict | None:
         """The run record if this job completed with exactly these settings."""
@@ -134,7 +138,7 @@ def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) 
         run_dir = out / "teacher" / f"{ckpt.stem}_{_digest(str(ckpt.resolve()), ckpt.stat().st_mtime)}"
         return Job("teacher", seed, str(run_dir), str(ckpt), None, None, str(eval_data), b.imgsz)
     key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, b.batch, seed, b.train)
-    run_dir = out / "teacher" / f"{Path(t.model).stem}_e{t.epochs}_{key}"
+    run_dir = out / "teacher" / f"{Path(t.model.replace(':', '_')).stem}_e{t.epochs}_{key}"
     train = _train_args(profile, data_yaml, seed, run_dir, t.epochs)
     return Job("teacher", seed, str(run_dir), t.model, train, None, str(eval_data), b.imgsz)
 
@@ -176,6 +180,12 @@ def _train(job: Job) -> Path:
     from detkd.engine import distill
     from detkd.ultralytics_internals import training_finished
 
+    if arch := _torchvision_arch(job.model):  # resumes from its own weights/last.pt
+        from detkd.teacher_train import train_teacher
+
+        a = job.train
+        keys = {k: a[k] for k in ("epochs", "imgsz", "batch", "workers", "seed")}
+        return train_teacher(arch, a["data"], out=job.run_dir, device=a.get("device"), **keys)
     run_dir = Path(job.run_dir)
     last = run_dir / "weights" / "last.pt"
     if last.is_file() and training_finished(last):  # kept by the parent: this job, cut after training ended
@@ -191,6 +201,13 @@ def _train(job: Job) -> Path:
         model = YOLO(job.model)
         model.train(**job.train)
     return Path(model.trainer.best)
+
+
+def _torchvision_arch(model: str) -> str | None:
+    """The architecture of a ``torchvision:ARCH`` teacher, else None (an Ultralytics model)."""
+    from detkd.adapters.torchvision import NAME_PREFIX
+
+    return model.removeprefix(NAME_PREFIX) if model.startswith(NAME_PREFIX) else None
 
 
 def _peak_memory() -> dict[str, Any]:

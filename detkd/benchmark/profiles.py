@@ -59,7 +59,9 @@ class DataSpec:
 
 @dataclass
 class TeacherSpec:
-    model: str = "yolov8s.yaml"  # trained by the benchmark for ``epochs`` at the budget's image size and batch
+    # trained by the benchmark for ``epochs`` at the budget's image size and batch: an Ultralytics model config, or
+    # torchvision:ARCH, a torchvision two-stage detector trained from scratch by detkd.teacher_train
+    model: str = "yolov8s.yaml"
     epochs: int = 30
     checkpoint: str | None = None  # use this checkpoint instead of training one
     # Its own training data (default: the students'). A teacher that has seen more data than its student stays
@@ -166,6 +168,13 @@ def _check_profile(profile: Profile, source: str) -> None:
         _check_data(teacher.data, source, "teacher.data")
     if teacher.checkpoint and not Path(teacher.checkpoint).is_file():
         raise DetkdError(f"{source}: 'teacher.checkpoint' file not found: {teacher.checkpoint}")
+    from detkd.adapters import torchvision  # torch and torchvision: only for a profile that loads
+
+    if teacher.model.startswith(torchvision.NAME_PREFIX):
+        try:
+            torchvision.check_architecture(teacher.model.removeprefix(torchvision.NAME_PREFIX))
+        except DetkdError as e:
+            raise DetkdError(f"{source}: 'teacher.model' {e}") from None
     if reserved := sorted(set(profile.budget.train) & _SET_BY_THE_BENCHMARK):
         raise DetkdError(f"{source}: 'budget.train.{reserved[0]}' is set by the benchmark (use budget/teacher keys)")
     if not profile.seeds:

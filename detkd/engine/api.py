@@ -30,6 +30,8 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
         raise DetkdError("recipe: 'data' is not set (give data=path/to/data.yaml)")
     if recipe.distills and not recipe.teacher:
         raise DetkdError("recipe: 'teacher' is not set (give teacher=path/to/teacher.pt)")
+    if recipe.teacher_weights and not recipe.teacher:
+        raise DetkdError("recipe: 'teacher_weights' is set without a 'teacher' (give teacher=torchvision:ARCH)")
     if recipe.teacher and not recipe.distills:
         raise DetkdError("recipe: a teacher is set but 'distill' has no loss with a weight > 0")
     if recipe.unlabeled and not recipe.teacher:
@@ -41,14 +43,14 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
             raise DetkdError("recipe: a 'chain' of teacher assistants needs a 'teacher' to start from")
         return _distill_chain(recipe)
 
-    from detkd.adapters import teacher_family
+    from detkd.adapters import check_teacher
     from detkd.data import check_dataset
     from detkd.engine.trainer import trainer_for
     from detkd.evaluation import load_yolo_checkpoint
     from detkd.safe_load import trust_checkpoints
 
     if recipe.teacher:
-        teacher_family(recipe.teacher)  # a missing file or an unknown kind fails here, before any model is built
+        check_teacher(recipe.teacher, recipe.teacher_weights)  # a bad teacher fails here, before any model is built
     if recipe.init.source and not Path(recipe.init.source).is_file():
         raise DetkdError(f"{recipe.init.source}: init.source checkpoint not found (detkd never downloads weights)")
     check_dataset(recipe.data).raise_if_errors()
@@ -81,6 +83,7 @@ def _distill_chain(recipe: Recipe) -> Path:
     for i, assistant in enumerate(recipe.chain, 1):
         train = {**recipe.train, "name": f"{name}_assistant{i}", "exist_ok": True}
         stage = replace(recipe, chain=[], student=assistant, teacher=teacher, train=train)
+        recipe = replace(recipe, teacher_weights=None)  # the next stages learn from an assistant's checkpoint
         run = get_save_dir(get_cfg(overrides={**train, "task": "detect", "mode": "train"}))
         state = _stage_state(run, stage)
         if state is None:

@@ -120,7 +120,7 @@ class DetkdTrainer(DetectionTrainer):
         the first hook of Ultralytics' set-up that sees the student on its device, on the process that trains."""
         trainable, student = model, unwrap_model(model)  # under DDP, ``model`` is the wrapper around the student
         if self.recipe.teacher:
-            self.teacher = create_teacher(self.recipe.teacher, self.device)
+            self.teacher = create_teacher(self.recipe.teacher, self.device, self.recipe.teacher_weights)
             adapter, names = UltralyticsAdapter(student), dict(self.data["names"])
             self.distiller = Distiller(self.recipe.distill, adapter, self.teacher, names).to(self.device)
             state = self.wdir / "distiller.pt"

@@ -1,0 +1,81 @@
+"""Distillation from a two-stage teacher's second stage (its RoI head) evaluated at the student's own boxes.
+
+A Faster R-CNN has no dense per-anchor head to pair with a YOLO head, but its RoI head can judge any box. The
+distiller decodes the student's boxes at the anchors that matter, runs the teacher's RoI head on them (on the
+teacher's own features: :meth:`detkd.adapters.torchvision.TorchvisionAdapter.second_stage`), and these losses turn
+its verdict into targets:
+
+- :func:`second_stage_class_kd`: the teacher's softmax over its K+1 classes, mapped to the student's classes, is the
+  soft target of each student class sigmoid (binary cross-entropy: Hinton et al.'s soft targets with one Bernoulli
+  per class, the form :func:`~detkd.losses.logit.kd_sigmoid` uses for sigmoid heads). The teacher's probability of
+  class k is the probability that the box is a k; 1 − p_k, the complement, holds background and every other class,
+  which is what a sigmoid's "not k" means. A student class without a teacher counterpart has no target (masked),
+  not a target of 0.
+- :func:`second_stage_box_kd`: the teacher's refinement of each student box (the refined box of its most probable
+  non-background class) is the target of the student's decoded box: GIoU + L1 on image-normalised coordinates
+  (:func:`~detkd.losses.box.box_distill`), weighted by the teacher's confidence in the box (its largest
+  non-background probability), so boxes the teacher calls background barely pull.
+
+The idea of letting the teacher's second stage score the student's boxes follows HEAD (Wang et al., "Heterogeneous
+Detector Distillation", ECCV 2022), which attaches the teacher's RoI head to the *student's* features as an assistant
+head, trained with the student, and distils through it. Here nothing is attached and nothing extra is trained: the
+teacher's own, frozen RoI head scores the student's boxes on the *teacher's* features, so the targets are exactly
+what the teacher itself would say about those boxes, and the student learns only through them (the RoI head sees
+detached boxes; the box term's gradient reaches the student through its decoded boxes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detkd.losses._common import upcast
+from detkd.losses.box import box_distill
+
+
+def second_stage_targets(
+    class_logits: Tensor, student_classes: Tensor, teacher_classes: Tensor, num_student_classes: int
+) -> tuple[Tensor, Tensor]:
+    """(targets, known), each (R, nc): the teacher's softmax probability of each student class, and whether that
+    class has a teacher counterpart. ``class_logits`` (R, K+1): column 0 background; ``student_classes[i]`` pairs with
+    teacher column ``teacher_classes[i]`` (1 ... K, never the background column)."""
+    if (teacher_classes == 0).any():
+        raise ValueError("second_stage_targets: column 0 is the teacher's background, not a class to pair")
+    probs = upcast(class_logits.detach()).softmax(-1)
+    rows = class_logits.shape[0]
+    targets = probs.new_zeros(rows, num_student_classes)
+    known = torch.zeros(rows, num_student_classes, dtype=torch.bool, device=probs.device)
+    targets[:, student_classes] = probs[:, teacher_classes]
+    known[:, student_classes] = True
+    return targets, known
+
+
+def second_stage_class_kd(student_logits: Tensor, targets: Tensor, known: Tensor) -> Tensor:
+    """Σ_r Σ_c known_rc · BCE(σ(s_rc), p_rc) / max(R, 1): soft-target BCE per student class with a teacher
+    counterpart, summed over classes, averaged over the R judged boxes. ``student_logits`` (R, nc) raw."""
+    if student_logits.shape != targets.shape or targets.shape != known.shape:
+        raise ValueError(
+            f"second_stage_class_kd: shapes {tuple(student_logits.shape)}, {tuple(targets.shape)}, "
+            f"{tuple(known.shape)} differ"
+        )
+    bce = F.binary_cross_entropy_with_logits(upcast(student_logits), targets.detach(), reduction="none")
+    return (bce * known).sum() / max(student_logits.shape[0], 1)
+
+
+def second_stage_box_kd(
+    student_boxes: Tensor,
+    class_logits: Tensor,
+    refined_boxes: Tensor,
+    image_size: tuple[float, float],
+    l1_weight: float = 1.0,
+) -> dict[str, Tensor]:
+    """``{"giou", "l1"}`` between the student's decoded boxes (R, 4 xyxy pixels) and the teacher's refinement of
+    them: for each box, ``refined_boxes`` (R, K+1, 4) at the teacher's most probable non-background class, weighted
+    by that probability (Σ w·loss / Σ w; L1 divided by the image size (H, W)). Gradients reach the student boxes."""
+    probs = upcast(class_logits.detach()).softmax(-1)[:, 1:]
+    confidence, best = probs.max(-1)
+    target = refined_boxes.detach()[torch.arange(len(best), device=best.device), best + 1]
+    return box_distill(
+        student_boxes, target, weights=confidence, image_size=image_size, iou_weight=1.0, l1_weight=l1_weight
+    )

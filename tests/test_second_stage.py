@@ -1,0 +1,141 @@
+"""Second-stage distillation from a two-stage teacher: the losses against values worked out by hand, and the
+distiller's terms on a yolov8n student with a tiny torchvision Faster R-CNN (ResNet-18 FPN, built here)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torchvision.ops import generalized_box_iou_loss
+
+from detkd import losses
+from detkd.adapters import TorchvisionAdapter, UltralyticsAdapter
+from detkd.adapters.torchvision import build_model
+from detkd.config import DistillConfig, FeatureLossConfig, LogitLossConfig, SecondStageConfig
+from detkd.distiller import Distiller
+from detkd.errors import DetkdError
+from detkd.ultralytics_internals import Assignment, ultralytics_offline
+
+ultralytics_offline()
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+TEACHER_NAMES = {1: "car", 2: "truck", 3: "bus"}  # class-logit columns; 0 is background
+STUDENT_NAMES = {0: "car", 1: "person", 2: "bus"}  # person: no teacher counterpart
+
+
+def _bce(logit: float, p: float) -> float:
+    q = 1 / (1 + math.exp(-logit))
+    return -(p * math.log(q) + (1 - p) * math.log(1 - q))
+
+
+def test_teacher_probabilities_become_student_class_targets_with_background_and_unknowns_left_out():
+    class_logits = torch.log(torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.05, 0.05, 0.2]]))  # softmax = those
+    s_idx, t_idx = torch.tensor([0, 2]), torch.tensor([1, 3])  # car -> column 1, bus -> column 3
+    targets, known = losses.second_stage_targets(class_logits, s_idx, t_idx, 3)
+    torch.testing.assert_close(targets, torch.tensor([[0.6, 0.0, 0.1], [0.05, 0.0, 0.2]]))
+    assert known.tolist() == [[True, False, True]] * 2
+    with pytest.raises(ValueError, match="column 0 is the teacher's background"):
+        losses.second_stage_targets(class_logits, torch.tensor([0]), torch.tensor([0]), 3)
+
+    student = torch.tensor([[2.0, 5.0, -1.0], [-3.0, -5.0, 0.5]], requires_grad=True)
+    value = losses.second_stage_class_kd(student, targets, known)
+    by_hand = (_bce(2.0, 0.6) + _bce(-1.0, 0.1) + _bce(-3.0, 0.05) + _bce(0.5, 0.2)) / 2  # person: no term
+    assert value.item() == pytest.approx(by_hand, rel=1e-6)
+    value.backward()
+    assert student.grad[:, 1].abs().max() == 0  # the unknown class is masked, not pushed towards 0
+    sigmoid = torch.sigmoid(student.detach())
+    torch.testing.assert_close(student.grad[:, [0, 2]], (sigmoid - targets)[:, [0, 2]] / 2)  # d BCE / d logit
+
+
+def test_box_target_is_the_refinement_of_the_teachers_class_weighted_by_its_confidence():
+    probs = torch.tensor([[0.1, 0.2, 0.6, 0.1], [0.5, 0.3, 0.1, 0.1]])  # box 0: truck 0.6; box 1: car 0.3
+    refined = torch.zeros(2, 4, 4)
+    refined[0, 2] = torch.tensor([10.0, 10.0, 30.0, 40.0])
+    refined[0, 1] = torch.tensor([0.0, 0.0, 5.0, 5.0])  # another class's refinement: not the target
+    refined[1, 1] = torch.tensor([50.0, 0.0, 60.0, 20.0])
+    student = torch.tensor([[12.0, 8.0, 28.0, 44.0], [40.0, 2.0, 64.0, 22.0]], requires_grad=True)
+    parts = losses.second_stage_box_kd(student, probs.log(), refined, image_size=(64, 80), l1_weight=0.5)
+
+    targets = torch.stack([refined[0, 2], refined[1, 1]])
+    w = torch.tensor([0.6, 0.3])
+    giou = generalized_box_iou_loss(student.detach(), targets)
+    l1 = ((student.detach() - targets).abs() / torch.tensor([80.0, 64.0, 80.0, 64.0])).mean(-1)
+    assert parts["giou"].item() == pytest.approx(((w * giou).sum() / w.sum()).item(), rel=1e-6)
+    assert parts["l1"].item() == pytest.approx(0.5 * ((w * l1).sum() / w.sum()).item(), rel=1e-6)
+    (parts["giou"] + parts["l1"]).backward()
+    assert (student.grad.abs().sum(-1) > 0).all()
+
+    empty = losses.second_stage_box_kd(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, 4, 4), (64, 64))
+    assert empty["giou"].item() == 0 and empty["l1"].item() == 0  # no judged box: no term, not NaN
+
+
+def _pair(seed: int = 0):
+    torch.manual_seed(seed)
+    student = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    student.names = dict(STUDENT_NAMES)
+    teacher = TorchvisionAdapter(build_model("fasterrcnn_resnet18_fpn", 4).eval().requires_grad_(False), TEACHER_NAMES)
+    return student, UltralyticsAdapter(student), teacher
+
+
+def test_teacher_judges_the_students_positives_and_top_anchors_and_teaches_the_student_only():
+    student, s, t = _pair()
+    cfg = DistillConfig(
+        feature=[FeatureLossConfig(loss="pkd")],
+        second_stage=SecondStageConfig(cls_weight=2.0, box_weight=0.5, l1_weight=1.0, topk=4),
+    )
+    distiller = Distiller(cfg, s, t)
+    assert distiller.term_names == ["kd_pkd", "kd_rcnn_cls", "kd_rcnn_box"]
+    images = torch.rand(2, 3, 64, 64)
+    view_t = t(images)
+    view_s = s.view(student.train()(images))
+    cls = view_s.cls_logits.detach().requires_grad_(True)
+    ltrb = view_s.box_ltrb.detach().requires_grad_(True)
+    view_s = replace(view_s, cls_logits=cls, box_ltrb=ltrb)
+    fg_mask = torch.zeros(cls.shape[:2], dtype=torch.bool)
+    fg_mask[0, [3, 70]] = fg_mask[1, 50] = True
+    assigned = Assignment(fg_mask, torch.zeros_like(cls), torch.zeros(*fg_mask.shape, 4))
+    terms = distiller(view_s, view_t, {"img": images}, assigned)
+    assert all(torch.isfinite(v) and v > 0 for v in terms.values()), terms
+
+    # the judged anchors: the positives and each image's 4 anchors of highest class score
+    judged = fg_mask.clone()
+    judged.scatter_(1, cls.detach().amax(-1).topk(4, dim=1).indices, True)
+    assert 4 < judged.sum(1).max() <= 6
+    boxes = view_s.boxes_xyxy(pixels=True)
+    verdict = t.second_stage(view_t, [b[m] for b, m in zip(boxes.detach(), judged)], (64, 64))
+    targets, known = losses.second_stage_targets(verdict.class_logits, torch.tensor([0, 2]), torch.tensor([1, 3]), 3)
+    expected = losses.second_stage_class_kd(cls.detach()[judged], targets, known)
+    assert terms["kd_rcnn_cls"].item() == pytest.approx(2.0 * expected.item(), rel=1e-5)
+    parts = losses.second_stage_box_kd(boxes.detach()[judged], verdict.class_logits, verdict.boxes, (64, 64))
+    assert terms["kd_rcnn_box"].item() == pytest.approx(0.5 * (parts["giou"] + parts["l1"]).item(), rel=1e-5)
+
+    (terms["kd_rcnn_cls"] + terms["kd_rcnn_box"]).backward()
+    assert cls.grad[~judged].abs().max() == 0 and ltrb.grad[~judged].abs().max() == 0
+    assert (cls.grad[judged][:, [0, 2]].abs().amax(1) > 0).all() and cls.grad[..., 1].abs().max() == 0  # person
+    assert (ltrb.grad[judged].abs().amax(1) > 0).all()
+    assert all(p.grad is None for p in t.model.parameters())
+
+    # end to end: the gradient reaches the student's first layer
+    student.zero_grad()
+    terms = distiller(s.view(student(images)), view_t, {"img": images}, assigned)
+    (terms["kd_rcnn_cls"] + terms["kd_rcnn_box"]).backward()
+    assert student.model[0].conv.weight.grad.abs().sum() > 0
+
+    with pytest.raises(DetkdError, match="distill.second_stage judges the student's positives: it needs the"):
+        distiller(view_s, view_t, {"img": images})
+
+
+def test_terms_the_teacher_cannot_feed_are_refused_with_one_line():
+    _, s, t = _pair()
+    with pytest.raises(DetkdError, match=r"^recipe: distill.logit needs the teacher's dense per-anchor outputs, "):
+        Distiller(DistillConfig(logit=LogitLossConfig(weight=1.0)), s, t)
+    yolo_teacher = UltralyticsAdapter(DetectionModel("yolov8n.yaml", nc=3, verbose=False).eval())
+    single_stage = r"^recipe: distill.second_stage needs a two-stage teacher's second stage \(RoI head\) .*Detection"
+    with pytest.raises(DetkdError, match=single_stage):
+        Distiller(DistillConfig(second_stage=SecondStageConfig(box_weight=1.0)), s, yolo_teacher)
+    no_shared = {1: "boat", 2: "kite", 3: "train"}
+    t_other = TorchvisionAdapter(t.model, no_shared)
+    with pytest.raises(DetkdError, match="needs classes that teacher and student share"):
+        Distiller(DistillConfig(second_stage=SecondStageConfig(cls_weight=1.0)), s, t_other)
