@@ -124,7 +124,7 @@ def _check_request(model: Path, format: str, precision: str, data) -> None:
         if not torch.cuda.is_available():
             raise DetkdError("--format engine needs TensorRT and a CUDA GPU: no CUDA GPU is visible")
     if format == "openvino" and importlib.util.find_spec("openvino") is None:
-        raise DetkdError("--format openvino needs the openvino package (pip install 'detkd[openvino]'): it is not installed")
+        raise DetkdError("--format openvino needs the openvino package (pip install 'detkd[openvino]'): not installed")
     if precision == "int8":
         if format not in _INT8_FORMATS:
             raise DetkdError(f"--int8 applies to {', '.join(_INT8_FORMATS)} exports, not {format}")
