@@ -18,10 +18,13 @@ fp16 and int8 exports are expected to differ: their AP drop is reported, not jud
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +63,8 @@ def export_model(
     """Export a PyTorch checkpoint with ``YOLO(model).export`` (offline) and return the export's path.
 
     The export is written where Ultralytics writes it (beside the checkpoint: ``best.onnx``, ``best.torchscript``,
-    ``best_openvino_model/``, ``best.engine``) and then moved to ``out`` when given. ``int8`` is calibrated on
-    ``data`` (a YOLO data yaml, which Ultralytics' calibration loader reads).
+    ``best_openvino_model/``, ``best.engine``) and then moved to ``out`` when given. ``int8`` is calibrated on the
+    train split of ``data`` (a YOLO data yaml, which Ultralytics' calibration loader reads).
     """
     from detkd.evaluation import load_yolo_checkpoint
     from detkd.ultralytics_internals import quiet_ultralytics
@@ -73,13 +76,36 @@ def export_model(
     if _QUANTIZE[precision]:
         args["quantize"] = _QUANTIZE[precision]
     if precision == "int8":
-        args["data"] = str(data)
+        # calibrated on the train images, so that the AP the parity check measures on val is on unseen images
+        # (Ultralytics' calibration reads the ``split`` argument, val by default)
+        args.update(data=str(data), split="train")
     try:
-        with quiet_ultralytics():
+        with quiet_ultralytics(), _quiet_converters(calibrating=format == "openvino" and precision == "int8"):
             exported = Path(yolo.export(**args, verbose=False))
     except Exception as e:  # the exporter's own refusals (ValueError, AssertionError) and converter failures
         raise DetkdError(f"{model}: {format} {precision} export failed: {first_line(e)}") from e
     return _move(exported, Path(out)) if out else exported
+
+
+@contextlib.contextmanager
+def _quiet_converters(calibrating: bool):
+    """The converters' chatter off during an export, their warnings and errors kept: NNCF's info lines (one per
+    operation it leaves unquantized, dozens), torch's deprecation notice for the ``torch.jit.trace`` that OpenVINO's
+    converter calls, and torch's note, when NNCF loads its extension helpers, that a CPU machine has no CUDA."""
+    if calibrating:
+        import nncf  # noqa: F401  (it sets its logger to INFO when imported: imported first, then turned down)
+    levels = {"nncf": logging.WARNING, "torch.utils.cpp_extension": logging.ERROR}
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    previous = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(max(logger.level, level))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
+            yield
+    finally:
+        for logger, level in previous.items():
+            logger.setLevel(level)
 
 
 def _check_request(model: Path, format: str, precision: str, data) -> None:
@@ -98,14 +124,14 @@ def _check_request(model: Path, format: str, precision: str, data) -> None:
         if not torch.cuda.is_available():
             raise DetkdError("--format engine needs TensorRT and a CUDA GPU: no CUDA GPU is visible")
     if format == "openvino" and importlib.util.find_spec("openvino") is None:
-        raise DetkdError("--format openvino needs the openvino package (pip install openvino): it is not installed")
+        raise DetkdError("--format openvino needs the openvino package (pip install 'detkd[openvino]'): not installed")
     if precision == "int8":
         if format not in _INT8_FORMATS:
             raise DetkdError(f"--int8 applies to {', '.join(_INT8_FORMATS)} exports, not {format}")
         if data is None or Path(data).suffix not in {".yaml", ".yml"}:
             raise DetkdError("--int8 is calibrated on real images: give --data as a YOLO data yaml")
         if format == "openvino" and importlib.util.find_spec("nncf") is None:
-            raise DetkdError("OpenVINO int8 is calibrated by nncf (pip install nncf): it is not installed")
+            raise DetkdError("OpenVINO int8 is calibrated by nncf (pip install 'detkd[openvino]'): it is not installed")
 
 
 def _move(exported: Path, out: Path) -> Path:

@@ -6,11 +6,17 @@ or update checks), ``YOLO_AUTOINSTALL`` (no ``pip install`` behind the user's ba
 of detkd sets them first; :func:`detkd.ultralytics_internals.ultralytics_offline` then patches what is left once
 Ultralytics is imported (the font download, the settings that enable hub sync and logger integrations, the
 1-thread CPU default, checkpoint loading).
+
+The OpenVINO export (Ultralytics runs OpenVINO's converter, and NNCF for int8) is kept offline here too: both send
+usage events to Google Analytics unless the user opted out, from a child process, and count runs in ``~/intel``;
+both fall back to their no-op stubs when ``openvino_telemetry`` cannot be imported, which
+:func:`set_environment` arranges.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -40,3 +46,6 @@ def set_environment() -> None:
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir()))
     # Ultralytics sets OMP_NUM_THREADS=1 on import when unset; torch reads it once at start-up.
     os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads()))
+    # ``import openvino_telemetry`` raises ImportError from now on (a module set to None in sys.modules), so
+    # OpenVINO's converter and NNCF send nothing; a process that imported it before detkd keeps it
+    sys.modules.setdefault("openvino_telemetry", None)

@@ -385,8 +385,9 @@ def run_video(
         raise DetkdError(f"unknown tracker {track!r}: choose from {', '.join(TRACKERS)}")
     if Path(model).suffix == ".pt" and Path(model).is_file() and is_torchvision_teacher(model):
         raise DetkdError(f"{model}: a torchvision teacher; detkd video runs Ultralytics models and their exports")
-    yolo = load_yolo_checkpoint(model)
-    settings = {"imgsz": imgsz, "classes": class_ids(classes, yolo.names), "device": device, "verbose": False}
+    with quiet_ultralytics():  # an export's class names are read by loading it: its backend's set-up lines
+        yolo = load_yolo_checkpoint(model)
+        settings = {"imgsz": imgsz, "classes": class_ids(classes, yolo.names), "device": device, "verbose": False}
     if conf is not None:
         settings["conf"] = conf
     if track:

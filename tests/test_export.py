@@ -121,6 +121,43 @@ def test_eval_of_the_onnx_export_equals_the_checkpoint(run_detkd, students, stud
     assert abs(metrics[".onnx"]["AP50"] - metrics[".pt"]["AP50"]) <= 0.002
 
 
+def test_openvino_export_passes_parity_evaluates_and_runs_in_speed(run_detkd, students, student_labels, tmp_path):
+    pytest.importorskip("openvino")
+    from detkd.speed import measure_speed
+
+    student, _ = students
+    out = tmp_path / "student_openvino_model"
+    proc = run_detkd("export", student, "--format", "openvino", "--imgsz", 64, "--data", student_labels, "--out", out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "student.xml").is_file() and (out / "student.bin").is_file()
+    report = json.loads((tmp_path / "student_openvino_model.parity.json").read_text())
+    assert report["passed"] and report["top_detections"]["matched"] == report["top_detections"]["compared"] == 80
+    assert report["boxes_px"]["max_abs_diff"] <= 1.0 and abs(report["ap"]["difference"]) <= 0.002
+    proc = run_detkd("eval", "--model", out, "--data", student_labels, "--imgsz", 64, "--out", tmp_path / "ov.json")
+    assert proc.returncode == 0 and "AR100" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "ov.json").read_text())["AP"] == pytest.approx(report["ap"]["pytorch"], abs=0.002)
+    row = measure_speed(out, imgsz=64, batches=(1, 2), frames=6)
+    assert row.format == "openvino" and 0 < row.latency_p50_ms <= row.latency_p95_ms and row.images_per_s > 0
+    assert row.size_mb > 5  # the fp32 weights of yolov8n (3 M parameters) are in the folder
+
+
+def test_openvino_int8_is_calibrated_by_nncf_and_reports_its_drop(run_detkd, students, synth_data, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    student, _ = students
+    out = tmp_path / "student_int8_openvino_model"
+    proc = run_detkd(
+        "export", student, "--format", "openvino", "--int8", "--imgsz", 64, "--data", synth_data, "--out", out
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "INFO:nncf" not in proc.stdout + proc.stderr  # NNCF's per-operation log lines are turned down
+    report = json.loads((tmp_path / "student_int8_openvino_model.parity.json").read_text())
+    assert report["precision"] == "int8" and report["passed"] and report["ap"] is not None
+    assert proc.stdout.strip().splitlines()[-1].startswith("parity: int8 export, AP drop ")
+    assert "FakeQuantize" in (out / "student.xml").read_text()  # really quantized, not an fp32 model renamed
+    assert (out / "student.bin").stat().st_size < 0.5 * 4 * 3.0e6  # int8 weights: well under yolov8n's fp32 size
+
+
 def test_engine_without_tensorrt_is_one_line(run_detkd, tmp_path):
     import importlib.util
 

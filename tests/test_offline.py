@@ -7,15 +7,21 @@ import sys
 import textwrap
 from pathlib import Path
 
-# Runs in a fresh interpreter, so that the sockets are blocked before anything imports Ultralytics or torch.
-PIPELINE = textwrap.dedent(
+# Run in a fresh interpreter, so that the sockets are blocked before anything imports Ultralytics or torch. Each
+# attempt is also appended to <work>.attempts: a forked child process (OpenVINO's telemetry sends from one) inherits
+# the blocked sockets but not the list.
+BLOCKED_NETWORK = textwrap.dedent(
     """
     import json, socket, sys
     attempts = []
+    work = sys.argv[1]
 
     def refuse(name):
         def blocked(*args, **kwargs):
-            attempts.append(f"{name}{args[1:2] if name == 'connect' else args[:1]}")
+            attempt = f"{name}{args[1:2] if name == 'connect' else args[:1]}"
+            attempts.append(attempt)
+            with open(work + ".attempts", "a") as record:
+                record.write(attempt + "\\n")
             raise OSError(f"network disabled by test ({name})")
         return blocked
 
@@ -24,8 +30,10 @@ PIPELINE = textwrap.dedent(
     socket.create_connection = refuse("create_connection")
     socket.getaddrinfo = refuse("getaddrinfo")
     socket.gethostbyname = refuse("gethostbyname")
-
-    work = sys.argv[1]
+    """
+)
+PIPELINE = BLOCKED_NETWORK + textwrap.dedent(
+    """
     try:
         from detkd.data.synth import SynthConfig, generate_synthetic
         from detkd.evaluation import evaluate_checkpoint
@@ -52,24 +60,30 @@ PIPELINE = textwrap.dedent(
 )
 
 
-def test_build_train_val_export_never_touches_the_network(tmp_path):
+def _run_offline(pipeline: str, tmp_path: Path) -> dict:
+    """Run ``pipeline`` in a fresh interpreter with a fresh ``HOME``; its result, asserting that no process it
+    started attempted a connection."""
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "DETKD_", "XDG_CONFIG", "OMP_"))}
     env["HOME"] = str(home)
+    work = tmp_path / "work"
     proc = subprocess.run(
-        [sys.executable, "-c", PIPELINE, str(tmp_path / "work")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-c", pipeline, str(work)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT ") :])
     assert "error" not in result, result["error"] + proc.stderr[-3000:]
     assert result["attempts"] == []
+    record = tmp_path / "work.attempts"
+    assert not record.exists(), record.read_text()  # nor a child process
+    return result
+
+
+def test_build_train_val_export_never_touches_the_network(tmp_path):
+    result = _run_offline(PIPELINE, tmp_path)
+    home = tmp_path / "home"
     _onnx_detects(Path(result["onnx"]), imgsz=64, classes=8)
     assert 0.0 <= result["AP"] <= 1.0
     assert result["threads"] == len(os.sched_getaffinity(0))  # every allowed core, not Ultralytics' cores - 1
@@ -77,6 +91,42 @@ def test_build_train_val_export_never_touches_the_network(tmp_path):
     assert (home / ".config" / "detkd" / "Ultralytics" / "settings.json").is_file()
     assert (home / ".config" / "detkd" / "Ultralytics" / "Arial.ttf").is_file()
     assert not (home / ".config" / "Ultralytics").exists()
+
+
+OPENVINO = BLOCKED_NETWORK + textwrap.dedent(
+    """
+    import os, time
+    try:
+        from detkd.data.synth import SynthConfig, generate_synthetic
+        from detkd.export import export_model
+        from detkd.ultralytics_internals import ultralytics_offline
+
+        ultralytics_offline()
+        from ultralytics import YOLO
+
+        data = generate_synthetic(f"{work}/data", train=8, val=4, seed=0, cfg=SynthConfig(imgsz=64))
+        YOLO("yolov8n.yaml").save(f"{work}/m.pt")
+        exported = export_model(f"{work}/m.pt", "openvino", imgsz=64, precision="int8", data=data)
+        time.sleep(2)  # OpenVINO's telemetry sends from a child process, after the export returns
+        intel = os.path.exists(os.path.expanduser("~/intel"))
+        result = {"attempts": attempts, "openvino": str(exported), "intel": intel}
+    except BaseException as e:
+        result = {"attempts": attempts, "error": repr(e)}
+    print("RESULT " + json.dumps(result))
+    """
+)
+
+
+def test_openvino_int8_export_never_touches_the_network(tmp_path):
+    """OpenVINO's converter and NNCF send usage events to Google Analytics by default (29 connection attempts for
+    this export before detkd turned them off) and count runs in ``~/intel``: neither happens under detkd."""
+    import pytest
+
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    result = _run_offline(OPENVINO, tmp_path)
+    assert Path(result["openvino"], "m.xml").is_file()
+    assert not result["intel"]
 
 
 def _onnx_detects(path: Path, imgsz: int, classes: int) -> None:

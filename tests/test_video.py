@@ -219,3 +219,57 @@ def test_tracking_keeps_ids_across_frames(run_detkd, footage, confident_model, t
     assert all(isinstance(i, int) for i in ids[0]) and ids == [ids[0]] * 6
     summary = json.loads((tmp_path / "t.summary.json").read_text())
     assert summary["tracking"] == "bytetrack" and summary["latency_ms"]["tracking"]["p50"] > 0
+
+
+TEACHER = Path(__file__).resolve().parent.parent / "docs/benchmarks/converged/teacher/teacher.pt"
+VEHICLES = {CLASSES.index(name) for name in ("car", "truck", "bus", "motorcycle")}
+
+
+def _iou(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.mark.skipif(not TEACHER.is_file(), reason="the converged benchmark's teacher is not in this checkout")
+@pytest.mark.parametrize("tracker", ["bytetrack", "botsort"])
+def test_trained_detector_keeps_one_id_per_crossing_vehicle(tracker, tmp_path):
+    """A real detector (the converged benchmark's yolov8s teacher, trained on the synthetic scenes at 128 px) on
+    footage at 128 px: every vehicle that enters and leaves within the clip keeps one track id.
+
+    Each ground-truth box (MOT gt.txt) of such a vehicle, in the frames where it is whole in the frame and at least
+    45 % visible, is matched to the frame's tracked box of highest IoU, if ≥ 0.5. Up to a quarter of those frames may
+    go unmatched: the boxes in the JSONL are the tracker's Kalman state, not the detector's, and ByteTrack's filter
+    (centre, aspect ratio, height) treats the aspect ratio as nearly constant, so a vehicle whose box widened as it
+    came into view is still drawn too narrow for a few frames after (measured: 2 of 18 frames for the bus here;
+    BoT-SORT's filter models width and height and follows at once). No id switch is allowed: the tracker keeps a
+    lost track for 30 frames and predicts it at constant velocity, which is how these vehicles move, and each is
+    detected in almost every frame; a switch here is a broken tracker or a broken id record, not noise. (Across
+    other seeds switches do occur, after occlusions or when a thin vehicle a few pixels high is missed for several
+    frames; this seed has neither for its crossing vehicles.)"""
+    from detkd.data.footage import write_footage
+    from detkd.video import run_video
+
+    frames, size = 60, 128
+    video, _, gt = write_footage(tmp_path / "traffic.mp4", frames, size, fps=15, seed=0)
+    summary = run_video(video, TEACHER, jsonl=tmp_path / "t.jsonl", track=tracker, imgsz=size)
+    assert summary.processed == frames
+    lines = _jsonl(tmp_path / "t.jsonl")
+
+    paths: dict[int, list] = {}
+    for row in gt.read_text().splitlines():
+        frame, track_id, x, y, w, h, consider, cls, _visibility = (float(v) for v in row.split(","))
+        paths.setdefault(int(track_id), []).append((int(frame) - 1, x, y, w, h, int(consider), int(cls)))
+    crossing = [p for p in paths.values() if p[0][6] in VEHICLES and p[0][0] > 0 and p[-1][0] < frames - 1]
+    assert len(crossing) >= 2  # the clip has complete crossings to check (seed 0: a bus and a car)
+    for path in crossing:
+        whole = [(f, (x, y, x + w, y + h)) for f, x, y, w, h, consider, _ in path if consider and 0 < x < x + w < size]
+        ids = []
+        for f, box in whole:
+            line = lines[f]
+            best = max(zip((_iou(box, b) for b in line["boxes"]), line["track_ids"]), default=(0.0, None))
+            if best[0] >= 0.5:
+                ids.append(best[1])
+        assert len(ids) >= 0.75 * len(whole) >= 6, (tracker, path[0], len(ids), len(whole))
+        assert None not in ids and len(set(ids)) == 1, (tracker, path[0], ids)  # one confirmed id, no switch
