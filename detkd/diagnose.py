@@ -12,7 +12,6 @@ a pure function of the numbers, so what it says is tested on its own.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from detkd.config import Recipe, load_recipe
 from detkd.errors import DetkdError
+from detkd.utils import read_results
 
 # Calibration: the ratio of each term's gradient norm to the task loss's at the student's initialisation, for the
 # weights that won the recipe screens (soft class targets ×2, LD ×8), measured on the setup those screens used: a
@@ -489,15 +489,6 @@ def diagnose_recipe(
 # --- diagnosing a finished run --------------------------------------------------------------------------------
 
 
-def read_results(path: Path) -> dict[str, list[float]]:
-    """Ultralytics' ``results.csv`` as columns (names stripped, values float)."""
-    with open(path, newline="") as f:
-        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-    if not rows:
-        raise DetkdError(f"{path}: no epochs recorded")
-    return {k: [float(r[k]) for r in rows] for k in rows[0]}
-
-
 MAP_COLUMN = "metrics/mAP50-95(B)"
 
 
@@ -509,6 +500,8 @@ def diagnose_run(run_dir: str | os.PathLike, baseline: str | os.PathLike | None 
     if not results.is_file():
         raise DetkdError(f"{run_dir}: not a training run (no results.csv); give a recipe or a run folder")
     cols = read_results(results)
+    if not cols:
+        raise DetkdError(f"{results}: no epochs recorded")
     curve = cols[MAP_COLUMN]
     m: dict[str, Any] = {
         "kind": "run",

@@ -5,6 +5,7 @@ The bottom layer beside :mod:`detkd.errors`: it imports nothing else from detkd,
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Callable
@@ -47,3 +48,11 @@ def class_key(name: str) -> str:
     ``traffic_light``, ``Bus``); teacher-student pairing and evaluation must agree on what matches.
     """
     return name.strip().lower().replace("_", " ")
+
+
+def read_results(path: str | os.PathLike) -> dict[str, list[float]]:
+    """Ultralytics' ``results.csv`` (one row per epoch) as columns: names stripped of their padding, values float;
+    empty when no epoch was recorded. The one reader of training curves (benchmark reports, ``detkd diagnose``)."""
+    with open(path, newline="") as f:
+        rows = [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}

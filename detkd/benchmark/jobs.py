@@ -8,7 +8,6 @@ makes every earlier run look unfinished.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 from detkd.benchmark.profiles import DataSpec, Method, Profile, method_recipe
 from detkd.config import load_recipe
-from detkd.utils import save_json
+from detkd.utils import read_results, save_json
 
 
 @dataclass
@@ -227,14 +226,14 @@ def _peak_memory() -> dict[str, Any]:
 def read_curve(results_csv: Path) -> dict[str, Any]:
     """Epochs, seconds per epoch (Ultralytics' ``time`` column is cumulative, and starts again when a run resumes)
     and mAP50-95 per epoch."""
-    with open(results_csv, newline="") as f:
-        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-    if not rows:
+    cols = read_results(results_csv)
+    if not cols:
         return {"epochs": 0, "time_per_epoch_s": None, "map_per_epoch": []}
+    epochs = len(cols["time"])
     return {
-        "epochs": len(rows),
-        "time_per_epoch_s": round(_seconds_spent([float(r["time"]) for r in rows]) / len(rows), 2),
-        "map_per_epoch": [float(r["metrics/mAP50-95(B)"]) for r in rows],
+        "epochs": epochs,
+        "time_per_epoch_s": round(_seconds_spent(cols["time"]) / epochs, 2),
+        "map_per_epoch": cols["metrics/mAP50-95(B)"],
     }
 
 
