@@ -253,13 +253,10 @@ def with_missed_boxes(
         overlap = overlap * (idx.view(-1, 1) == batch["batch_idx"].view(1, -1).to(idx.dtype))  # same image only
         missed = overlap.amax(1) < iou
         idx, cls, xywh = idx[missed], cls[missed], xywh[missed]
-    merged = _with_boxes(
-        batch,
-        torch.cat((batch["batch_idx"].view(-1), idx.to(batch["batch_idx"].dtype))),
-        torch.cat((batch["cls"].view(-1, 1), cls.to(batch["cls"].dtype))),
-        torch.cat((labels, xywh.to(labels.dtype))),
-    )
-    return merged, len(idx)
+    batch_idx = torch.cat((batch["batch_idx"].view(-1), idx.to(batch["batch_idx"].dtype)))
+    order = batch_idx.argsort(stable=True)  # image by image, as Ultralytics' collate orders labels and its loss reads
+    cls = torch.cat((batch["cls"].view(-1, 1), cls.to(batch["cls"].dtype)))
+    return _with_boxes(batch, batch_idx[order], cls[order], torch.cat((labels, xywh.to(labels.dtype)))[order]), len(idx)
 
 
 def _xyxy(xywh: torch.Tensor) -> torch.Tensor:
