@@ -123,7 +123,8 @@ class PseudoConfig:
     :mod:`detkd.engine.criterion`)."""
 
     conf: float = field(default=0.5, metadata=PROBABILITY)  # a teacher detection scoring this or more is a box
-    weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # the pseudo-box task loss relative to the real one
+    # the pseudo-box task loss relative to the real one (distill.pseudo: times the change the missed boxes make)
+    weight: float = field(default=1.0, metadata=NON_NEGATIVE)
 
 
 @dataclass
@@ -219,8 +220,8 @@ class Recipe:
     def to_dict(self) -> dict:
         """The recipe as plain data; keys added later (``trust_checkpoints``, ``unlabeled``, ``teacher_weights``,
         ``distill.second_stage``, ``distill.pseudo``, a feature term's ``from``) only when they differ from their
-        defaults, so that recipes saved before they
-        existed (benchmark runs and their cache keys, ``distill.yaml``) still compare equal."""
+        defaults, so that recipes saved before they existed (benchmark runs and their cache keys, ``distill.yaml``)
+        still compare equal."""
         out = _plain(self)
         for feature in out["distill"]["feature"]:
             if feature["from"] == "neck":
