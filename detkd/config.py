@@ -11,6 +11,7 @@ keys (by Ultralytics' own check).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -37,11 +38,15 @@ PROBABILITY = {"exclusive_minimum": 0.0, "maximum": 1.0}
 
 @dataclass
 class FeatureLossConfig:
-    """One feature-imitation loss on the neck levels (P3, P4, P5 = 0, 1, 2)."""
+    """One feature-imitation loss on the neck levels (P3, P4, P5 = 0, 1, 2), or with ``from: backbone`` on the
+    backbone stages that feed the neck (the student's at strides 8, 16, 32 = 0, 1, 2; a ResNet teacher's C3-C5).
+    Either way a student level pairs with the teacher's level of the same stride (see :mod:`detkd.distiller`)."""
 
     loss: str = "cwd"  # a registered feature loss (detkd.losses.registry)
     weight: float = field(default=1.0, metadata=NON_NEGATIVE)
     levels: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # which features of both detectors: the neck's levels, or the backbone's stage outputs (YAML key ``from``)
+    from_: Literal["neck", "backbone"] = field(default="neck", metadata={"key": "from"})
     connector: Literal["conv", "conv_bn", "mlp"] = "conv_bn"  # student -> teacher channels (not MGD/FGD: own align)
     params: dict[str, Any] = field(default_factory=dict)  # the loss's keyword parameters, e.g. {tau: 1.0} for CWD
 
@@ -112,6 +117,17 @@ class ScheduleConfig:
 
 
 @dataclass
+class PseudoConfig:
+    """The teacher's confident detections as boxes for the student's task loss: on unlabeled images
+    (``unlabeled.pseudo``), and on labeled ones where no label covers them (``distill.pseudo``, see
+    :mod:`detkd.engine.criterion`)."""
+
+    conf: float = field(default=0.5, metadata=PROBABILITY)  # a teacher detection scoring this or more is a box
+    # the pseudo-box task loss relative to the real one (distill.pseudo: times the change the missed boxes make)
+    weight: float = field(default=1.0, metadata=NON_NEGATIVE)
+
+
+@dataclass
 class DistillConfig:
     feature: list[FeatureLossConfig] = field(default_factory=list)
     logit: LogitLossConfig = field(default_factory=LogitLossConfig)
@@ -119,6 +135,8 @@ class DistillConfig:
     second_stage: SecondStageConfig = field(default_factory=SecondStageConfig)  # two-stage teachers only
     class_map: dict[str, str] | None = None  # student class name -> teacher class name; default: by equal names
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # the teacher's confident detections that no label overlaps (IoU < 0.5) join the labeled images' task loss
+    pseudo: PseudoConfig | None = None
 
 
 @dataclass
@@ -131,14 +149,6 @@ class InitConfig:
     freeze_epochs: int = field(default=0, metadata=NON_NEGATIVE)
     # learning-rate multiplier for transferred tensors once they train
     lr_mult: float = field(default=1.0, metadata=NON_NEGATIVE)
-
-
-@dataclass
-class PseudoConfig:
-    """The teacher's confident detections on unlabeled images as boxes for the student's task loss."""
-
-    conf: float = field(default=0.5, metadata=PROBABILITY)  # a teacher detection scoring this or more is a box
-    weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # the pseudo-box task loss relative to the real one
 
 
 @dataclass
@@ -181,7 +191,15 @@ class Recipe:
     unlabeled: UnlabeledConfig | None = None  # images without labels, distilled on beside the labeled ones
 
     def validate(self, where: str, source: str) -> None:
-        """Terms that read labels need them on unlabeled images too: only pseudo-boxes can give them."""
+        """A chain's assistants are YOLO models, which have no second stage to teach the stages after the first;
+        terms that read labels need them on unlabeled images too: only pseudo-boxes can give them."""
+        if self.chain and self.distill.second_stage.active:
+            raise DetkdError(
+                f"{source}: 'distill.second_stage' needs a two-stage teacher, but the 'chain' assistants "
+                f"({', '.join(self.chain)}) are YOLO models, which teach every stage after the first: distil the "
+                "first assistant from the two-stage teacher in a run of its own, then chain from its best.pt with "
+                "distill.logit/box"
+            )
         if self.unlabeled is None or self.unlabeled.pseudo is not None:
             return
         for name, c in (("logit", self.distill.logit), ("box", self.distill.box)):
@@ -196,13 +214,20 @@ class Recipe:
     @property
     def distills(self) -> bool:
         d = self.distill
-        return bool(d.feature) or d.logit.weight > 0 or d.box.weight > 0 or d.second_stage.active
+        active = d.logit.weight > 0 or d.box.weight > 0 or d.second_stage.active or d.pseudo is not None
+        return bool(d.feature) or active
 
     def to_dict(self) -> dict:
         """The recipe as plain data; keys added later (``trust_checkpoints``, ``unlabeled``, ``teacher_weights``,
-        ``distill.second_stage``) only when they differ from their defaults, so that recipes saved before they
-        existed (benchmark runs and their cache keys, ``distill.yaml``) still compare equal."""
-        out = dataclasses.asdict(self)
+        ``distill.second_stage``, ``distill.pseudo``, a feature term's ``from``) only when they differ from their
+        defaults, so that recipes saved before they existed (benchmark runs and their cache keys, ``distill.yaml``)
+        still compare equal."""
+        out = _plain(self)
+        for feature in out["distill"]["feature"]:
+            if feature["from"] == "neck":
+                del feature["from"]
+        if self.distill.pseudo is None:
+            del out["distill"]["pseudo"]
         if not self.trust_checkpoints:
             del out["trust_checkpoints"]
         if self.unlabeled is None:
@@ -222,19 +247,37 @@ def build_dataclass(cls, value, where: str, source: str):
     hints = typing.get_type_hints(cls)
     if not isinstance(value, dict):
         raise DetkdError(f"{source}: '{where}' must be a mapping, got {type(value).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     for key in value:
         if key not in fields:
             expected = ", ".join(sorted(fields))
             raise DetkdError(f"{source}: unknown key '{_join(where, key)}' (expected one of: {expected})")
     kwargs = {}
     for key, raw in value.items():
-        kwargs[key] = _coerce(hints[key], raw, _join(where, key), source)
-        _check_bounds(fields[key].metadata, kwargs[key], _join(where, key), source)
+        name = fields[key].name
+        kwargs[name] = _coerce(hints[name], raw, _join(where, key), source)
+        _check_bounds(fields[key].metadata, kwargs[name], _join(where, key), source)
     built = cls(**kwargs)
     if hasattr(built, "validate"):
         built.validate(where, source)
     return built
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in recipe files: its name, or the ``key`` of its metadata where the word is Python's
+    (``from``)."""
+    return f.metadata.get("key", f.name)
+
+
+def _plain(value):
+    """:func:`dataclasses.asdict`, with each field under its recipe key (:func:`_key`)."""
+    if dataclasses.is_dataclass(value):
+        return {_key(f): _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return copy.deepcopy(value)
 
 
 def _join(where: str, key) -> str:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,6 +229,8 @@ def _weight_key(term: str, m: dict) -> str:
         return "distill.box.weight"
     if term in SECOND_STAGE_TERMS:
         return SECOND_STAGE_TERMS[term]
+    if term == "pseudo":  # the labeled images' missed boxes (detkd.engine.criterion.MISSED)
+        return "distill.pseudo.weight"
     index = m["feature_terms"].index(term)
     return f"distill.feature[{index}].weight"
 
@@ -294,18 +298,18 @@ def _gradient_norm(value: Tensor, params: list[Tensor]) -> float:
     return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
 
 
-def _evaluate_ap(checkpoint: str, data: str, imgsz: int, images: int, device: str | None) -> dict[str, Any]:
-    """COCO AP and AP per class of a checkpoint of any family (``predict_checkpoint``) on the first ``images`` of
-    the val split (AP None, with the reason, when its classes are none of the data's)."""
+def _evaluate_ap(predict: Callable[[Any], list[dict]], data: str, images: int) -> dict[str, Any]:
+    """COCO AP and AP per class of a model's COCO-format detections (``predict(dataset)``) on the first ``images``
+    of the val split (AP None, with the reason, when its classes are none of the data's)."""
     from detkd.data import load_data
-    from detkd.evaluation import ap_per_class, coco_evaluate, predict_checkpoint
+    from detkd.evaluation import ap_per_class, coco_evaluate
 
     dataset = load_data(data, split="val")
     kept = dataset.images[:images]
     ids = {im.id for im in kept}
     subset = replace(dataset, images=kept, annotations=[a for a in dataset.annotations if a.image_id in ids])
     try:
-        detections = predict_checkpoint(checkpoint, subset, imgsz=imgsz, device=device)
+        detections = predict(subset)
     except DetkdError as e:
         return {"AP": None, "error": str(e), "per_class": {}, "images": len(kept)}
     ap = coco_evaluate(subset, detections)["AP"]
@@ -329,10 +333,12 @@ def measure_recipe(
     from ultralytics.nn.tasks import DetectionModel
 
     from detkd.adapters.teachers import create_teacher
+    from detkd.adapters.torchvision import TorchvisionAdapter
     from detkd.adapters.ultralytics import UltralyticsAdapter, load_ultralytics_model
     from detkd.data import check_dataset
     from detkd.distiller import Distiller, class_pairs
-    from detkd.engine.criterion import DistillationCriterion
+    from detkd.engine.criterion import MISSED, DistillationCriterion
+    from detkd.evaluation import predict_checkpoint, predict_teacher
 
     if not recipe.teacher or not recipe.data:
         raise DetkdError("recipe: diagnose needs 'teacher' and 'data' (give teacher=T.pt data=DATA.yaml)")
@@ -360,11 +366,17 @@ def measure_recipe(
     student.args = cfg  # Ultralytics' criterion reads its loss gains (box, cls, dfl) from here
     student_view = UltralyticsAdapter(student)
 
+    # a torchvision teacher is evaluated as it teaches, from its adapter (a named one has no checkpoint to load)
+    teacher_predict = (
+        partial(predict_teacher, teacher, imgsz=imgsz)
+        if isinstance(teacher, TorchvisionAdapter)
+        else partial(predict_checkpoint, recipe.teacher, imgsz=imgsz, device=device)
+    )
     d = recipe.distill
     m: dict[str, Any] = {
         "kind": "recipe",
         "teacher": {
-            **_evaluate_ap(recipe.teacher, recipe.data, imgsz, images, device),
+            **_evaluate_ap(teacher_predict, recipe.data, images),
             "parameters": sum(p.numel() for p in teacher.model.parameters()),
         },
         "student": {"parameters": sum(p.numel() for p in student.parameters())},
@@ -375,13 +387,16 @@ def measure_recipe(
                 ("kd_box", d.box.weight),
                 ("kd_rcnn_cls", d.second_stage.cls_weight),
                 ("kd_rcnn_box", d.second_stage.box_weight),
+                (MISSED, d.pseudo.weight if d.pseudo else 0.0),
             )
             if w > 0
         },
         "feature_terms": [],
     }
     if baseline:
-        m["baseline"] = _evaluate_ap(baseline, recipe.data, imgsz, images, device)
+        m["baseline"] = _evaluate_ap(
+            partial(predict_checkpoint, baseline, imgsz=imgsz, device=device), recipe.data, images
+        )
     try:
         paired, _ = class_pairs(names, teacher.names, recipe.distill.class_map)
         m["classes"] = {

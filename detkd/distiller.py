@@ -1,10 +1,12 @@
 """Pairs a student's and a teacher's :class:`DetectorView` and computes the configured distillation terms.
 
 Features pair by stride (P3 with P3 ...), through a connector from student to teacher channels (resized when
-the grids differ). Dense head outputs pair anchor by anchor, so logit and box terms need both heads on the same
-strides and input size. A two-stage teacher has no dense head; its RoI head judges the student's own decoded boxes
-instead (``second_stage`` terms, ``kd_rcnn_cls`` and ``kd_rcnn_box``). Classes pair by name (or ``class_map``): a
-COCO-80 teacher can teach a 3-class student; student classes the teacher does not know get no logit target.
+the grids differ): the neck's levels, or with ``from: backbone`` the backbone stages that feed it (a YOLO's at
+strides 8/16/32, a ResNet's C3-C5). Dense head outputs pair anchor by anchor, so logit and box terms need both heads
+on the same strides and input size. A two-stage teacher has no dense head; its RoI head judges the student's own
+decoded boxes instead (``second_stage`` terms, ``kd_rcnn_cls`` and ``kd_rcnn_box``). Classes pair by name (or
+``class_map``): a COCO-80 teacher can teach a 3-class student; student classes the teacher does not know get no logit
+target.
 """
 
 from __future__ import annotations
@@ -76,6 +78,35 @@ def gt_boxes_per_image(batch: dict, n: int, image_size: tuple[int, int]) -> list
     return [xyxy[idx == i] for i in range(n)]
 
 
+def pairs_by_stride(student_strides: list[int], teacher_strides: list[int]) -> dict[int, int]:
+    """Student level -> the (first) teacher level with the same stride, for the student levels that have one."""
+    return {i: teacher_strides.index(s) for i, s in enumerate(student_strides) if s in teacher_strides}
+
+
+def _feature_levels(adapter: DetectorAdapter, source: str, role: str, term: int) -> tuple[list[int], list[int]]:
+    """(channels, strides) of the features a term reads ``from`` (``neck`` or ``backbone``) of one detector."""
+    if source == "neck":
+        return list(adapter.channels), list(adapter.strides)
+    strides = list(adapter.backbone_strides or [])
+    if not strides:
+        raise DetkdError(
+            f"recipe: distill.feature[{term}] from: backbone needs the {role}'s backbone stage outputs, which it "
+            f"({type(adapter.model).__name__}) does not offer separately from its neck; use from: neck"
+        )
+    return list(adapter.backbone_channels), strides
+
+
+def _view_levels(view: DetectorView, source: str) -> list[Tensor]:
+    if source == "neck":
+        return view.feats
+    if view.backbone_feats is None:
+        raise DetkdError(
+            "recipe: a from: backbone feature term got a view without backbone outputs (record_backbone() was "
+            "not called on its adapter)"
+        )
+    return view.backbone_feats
+
+
 def _weighted_mean(per_anchor: Tensor, weights: Tensor) -> Tensor:
     """Σ w·ℓ / Σ w over anchors, the sum clamped at 1 as Ultralytics normalises its class loss."""
     return (per_anchor * weights).sum() / weights.sum().clamp(min=1.0)
@@ -87,12 +118,13 @@ class _LossInputs:
     def __init__(self, batch: dict, teacher: DetectorView):
         self.batch, self.teacher = batch, teacher
 
-    def for_loss(self, entry: FeatureLoss, teacher_level: int) -> dict[str, object]:
+    def for_loss(self, entry: FeatureLoss, stride: int) -> dict[str, object]:
+        """The loss's inputs at the teacher's features of ``stride`` (its class scores: of the head level there)."""
         if "teacher_scores" in entry.inputs and self.teacher.cls_logits is None:
             raise DetkdError(f"recipe: the '{entry.name}' feature loss needs a teacher with dense class scores")
         given = {name: getattr(self, name) for name in entry.inputs}
         if "teacher_scores" in given:
-            given["teacher_scores"] = given["teacher_scores"][teacher_level]
+            given["teacher_scores"] = given["teacher_scores"][self.teacher.strides.index(stride)]
         return given
 
     @cached_property
@@ -130,22 +162,27 @@ class Distiller(nn.Module):
         self.cfg = cfg
         s_strides, t_strides = list(student.strides), list(teacher.strides)
         self._check_teacher_feeds(cfg, teacher)
-        # student level -> teacher level with the same stride
-        self.level_pairs = {i: t_strides.index(s) for i, s in enumerate(s_strides) if s in t_strides}
+        # student level -> teacher level with the same stride: the neck's, and each feature term's (neck or backbone)
+        self.level_pairs = pairs_by_stride(s_strides, t_strides)
+        self.feature_pairs: list[dict[int, int]] = []
         self.feature_parts = nn.ModuleList()
-        for f in cfg.feature:
+        for i, f in enumerate(cfg.feature):
             if f.loss not in losses.FEATURE_LOSSES:
                 known = ", ".join(sorted(losses.FEATURE_LOSSES))
                 raise DetkdError(f"recipe: unknown feature loss {f.loss!r} (known: {known})")
+            s_channels, s_levels = _feature_levels(student, f.from_, "student", i)
+            t_channels, t_levels = _feature_levels(teacher, f.from_, "teacher", i)
+            pairs = pairs_by_stride(s_levels, t_levels)
             parts = nn.ModuleDict()
             for level in f.levels:
-                if level not in self.level_pairs:
+                if level not in pairs:
+                    kind = "feature level" if f.from_ == "neck" else "backbone stage"
                     raise DetkdError(
-                        f"recipe: feature level {level} of the student (strides {s_strides}) has no teacher "
-                        f"level with the same stride (teacher strides {t_strides})"
+                        f"recipe: {kind} {level} of the student (strides {s_levels}) has no teacher "
+                        f"{kind} with the same stride (teacher strides {t_levels})"
                     )
-                c_s, c_t = student.channels[level], teacher.channels[self.level_pairs[level]]
-                parts[str(level)] = self._feature_module(f, c_s, c_t)
+                parts[str(level)] = self._feature_module(f, s_channels[level], t_channels[pairs[level]])
+            self.feature_pairs.append(pairs)
             self.feature_parts.append(parts)
         dense = cfg.logit.weight > 0 or cfg.box.weight > 0
         if dense and s_strides != t_strides:
@@ -155,8 +192,13 @@ class Distiller(nn.Module):
             )
         names = student.names if student_names is None else student_names
         s_idx, t_idx = class_pairs(names, teacher.names, cfg.class_map)
-        if (cfg.logit.weight > 0 or cfg.second_stage.cls_weight > 0) and not s_idx:
-            raise DetkdError("recipe: logit distillation needs classes that teacher and student share (none match)")
+        by_class = [
+            ("logit distillation", cfg.logit.weight > 0),
+            ("distill.second_stage", cfg.second_stage.cls_weight > 0),
+        ]
+        by_class.append(("distill.pseudo", cfg.pseudo is not None))
+        if not s_idx and (term := next((name for name, on in by_class if on), None)):
+            raise DetkdError(f"recipe: {term} needs classes that teacher and student share (none match)")
         self.register_buffer("student_classes", torch.tensor(s_idx, dtype=torch.long), persistent=False)
         self.register_buffer("teacher_classes", torch.tensor(t_idx, dtype=torch.long), persistent=False)
 
@@ -198,6 +240,11 @@ class Distiller(nn.Module):
         return build_connector(f.connector, c_s, c_t)
 
     @property
+    def uses_backbone(self) -> bool:
+        """Whether a feature term reads the backbone's stage outputs (views need ``record_backbone()``)."""
+        return any(f.from_ == "backbone" for f in self.cfg.feature)
+
+    @property
     def term_names(self) -> list[str]:
         """Names of the logged terms, fixed for a run (Ultralytics keys its loss columns on the first batch)."""
         names = [f"kd_{f.loss}" for f in self.cfg.feature]
@@ -221,14 +268,17 @@ class Distiller(nn.Module):
         terms = {}
         names = iter(self.term_names)
         inputs = _LossInputs(batch, t)
-        for f, parts in zip(self.cfg.feature, self.feature_parts):
+        for f, parts, pairs in zip(self.cfg.feature, self.feature_parts, self.feature_pairs):
             entry = losses.FEATURE_LOSSES[f.loss]
+            s_levels, t_levels, t_strides = _view_levels(s, f.from_), _view_levels(t, f.from_), t.strides
+            if f.from_ == "backbone":
+                t_strides = t.backbone_strides
             total = 0.0
             for level, part in parts.items():
                 level = int(level)
-                t_level = self.level_pairs[level]
-                s_feat, t_feat = s.feats[level].float(), t.feats[t_level].float().detach()
-                given = inputs.for_loss(entry, t_level)
+                t_level = pairs[level]
+                s_feat, t_feat = s_levels[level].float(), t_levels[t_level].float().detach()
+                given = inputs.for_loss(entry, t_strides[t_level])
                 if entry.learned:  # aligns the student itself, at the teacher's grid
                     value = part(self._resize(s_feat, t_feat), t_feat, **given)
                 else:

@@ -273,6 +273,17 @@ def detect_input_channels(head: nn.Module) -> list[int]:
     return [seq[0].conv.in_channels for seq in branch]
 
 
+def neck_inputs(model: nn.Module) -> list[int]:
+    """Indices (in ``model.model``) of the backbone layers whose outputs the neck reads, in order.
+
+    From ``parse_model``: layers are numbered in the yaml's order, its ``backbone`` list first, each layer's ``.f``
+    naming the layers it reads (-1: the one before); ``model.save`` lists every layer read by another than the
+    next. So the neck reads the backbone layers in ``save`` and the last backbone layer (read by the first neck
+    layer, as -1): in YOLOv8 layers 4, 6, 9 (strides 8, 16, 32), in YOLO11/YOLO26 4, 6, 10."""
+    n = len(model.yaml["backbone"])
+    return sorted({i for i in model.save if i < n} | {n - 1})
+
+
 def is_end_to_end(head: nn.Module) -> bool:
     """Whether a Detect head has the one-to-one (NMS-free) branches of YOLO26/YOLOv10."""
     return getattr(head, "one2one_cv2", None) is not None

@@ -143,3 +143,19 @@ def test_cli_train_refuses_bad_keys_in_one_line(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("detkd: error: ")
     assert message in proc.stderr
+
+
+def test_a_chain_is_refused_with_second_stage_terms_its_yolo_assistants_cannot_teach(tmp_path):
+    """The assistants of a chain are YOLO models: the stages after the first have no two-stage teacher."""
+    frcnn = {"teacher": "torchvision:fasterrcnn_resnet18_fpn", "teacher_weights": "w.pt", "chain": ["yolov8s.yaml"]}
+    with pytest.raises(DetkdError) as refused:
+        load_recipe("frcnn", frcnn)
+    message = str(refused.value)
+    expected = "frcnn.yaml: 'distill.second_stage' needs a two-stage teacher, but the 'chain' assistants (yolov8s.yaml)"
+    assert expected in message and "\n" not in message
+    no_second_stage = {**frcnn, "distill": {"second_stage": {"cls_weight": 0, "box_weight": 0}}}
+    assert load_recipe("frcnn", no_second_stage).chain == ["yolov8s.yaml"]  # feature terms pass through assistants
+    from detkd.engine import distill
+
+    with pytest.raises(DetkdError, match="'distill.second_stage' needs a two-stage teacher"):
+        distill("frcnn", data=str(tmp_path / "data.yaml"), **frcnn)  # refused before anything is read or built

@@ -216,3 +216,24 @@ def test_the_benchmarks_setup_as_measured_should_help():
     diagnosis = Diagnosis("benchmark", measured["measurements"], findings)
     assert diagnosis.verdict.startswith("distillation should help")
     assert any(f.severity == "info" and "weak on truck" in f.message for f in findings)  # named, not held against it
+
+
+def test_a_named_torchvision_teacher_is_evaluated_from_its_adapter(synth_data, tmp_path):
+    """``teacher: torchvision:ARCH`` has no checkpoint to evaluate: its AP comes from the loaded adapter."""
+    from detkd.adapters.torchvision import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("fasterrcnn_resnet18_fpn", 91).state_dict(), tmp_path / "coco_state.pt")
+    overrides = {
+        "teacher": "torchvision:fasterrcnn_resnet18_fpn",
+        "teacher_weights": str(tmp_path / "coco_state.pt"),
+        "data": str(synth_data),
+        "imgsz": 64,
+        "batch": 4,
+    }
+    diagnosis = diagnose_recipe("frcnn", overrides, batches=1, images=4)
+    t = diagnosis.measurements["teacher"]
+    assert "error" not in t and 0.0 <= t["AP"] < 0.01 and t["images"] == 4  # measured: untrained, not unknown
+    assert _severities(diagnosis.findings, "teacher") == ["error"]
+    assert "could not be measured" not in diagnosis.format()
+    assert set(diagnosis.measurements["balance"]["terms"]) == {"kd_cwd", "kd_rcnn_cls", "kd_rcnn_box"}

@@ -277,7 +277,7 @@ def test_a_two_stage_teachers_detections_become_pseudo_boxes_in_student_classes(
         own = teacher.detections(batch["img"])
         assert [len(d["boxes"]) for d in found] == [int((d["scores"] >= 0.01).sum()) for d in own]
         assert sum(len(d["boxes"]) for d in found) > 0
-        batch_idx, cls, xywh = criterion.pseudo_boxes(teacher(batch["img"]), batch["img"])
+        batch_idx, cls, xywh = criterion.pseudo_boxes(teacher(batch["img"]), batch["img"], 0.01)
         expected = torch.cat([d["labels"] for d in found])  # bus=1 -> 2, car=2 -> 0, truck=3 -> 1
         assert cls.view(-1).tolist() == [{1: 2, 2: 0, 3: 1}[int(c)] for c in expected]
         assert batch_idx.tolist() == [float(i) for i, d in enumerate(found) for _ in d["boxes"]]

@@ -18,7 +18,6 @@ caches the file, and an error says where to put it when it is missing.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from detkd import safe_load
-from detkd.adapters.view import DetectorView
+from detkd.adapters.view import DetectorView, grid_stride
 from detkd.errors import DetkdError
 from detkd.utils import atomic_write
 
@@ -100,9 +99,9 @@ class TorchvisionAdapter:
             stages, levels = self._features(probe)
         self.level_names = list(levels)
         self._channels = [f.shape[1] for f in levels.values()]
-        self._strides = [_stride(64, f) for f in levels.values()]
+        self._strides = [grid_stride(64, f) for f in levels.values()]
         self.backbone_channels = [f.shape[1] for f in stages.values()]
-        self.backbone_strides = [_stride(64, f) for f in stages.values()]
+        self.backbone_strides = [grid_stride(64, f) for f in stages.values()]
 
     @property
     def names(self) -> dict[int, str]:
@@ -149,6 +148,10 @@ class TorchvisionAdapter:
         view.second_stage = partial(self.second_stage, replace(view))
         return view
 
+    def record_backbone(self) -> list:
+        """Nothing to install: every view carries the backbone's stage outputs (for ``from: backbone`` terms)."""
+        return []
+
     @torch.no_grad()
     def objectness(self, view: DetectorView) -> list[Tensor]:
         """The RPN's class-agnostic objectness on the view's levels: (N, anchors per cell, H, W) raw logits each."""
@@ -189,11 +192,6 @@ class TorchvisionAdapter:
         proposals, _ = self.model.rpn(ImageList(images, sizes), levels)
         found, _ = self.model.roi_heads(levels, proposals, sizes)
         return found
-
-
-def _stride(size: int, feature: Tensor) -> int:
-    """The power of two by which ``feature``'s grid divides an input of ``size`` pixels (ceil-mode grids round)."""
-    return 2 ** round(math.log2(size / feature.shape[-1]))
 
 
 # checkpoints

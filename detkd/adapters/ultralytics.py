@@ -4,18 +4,24 @@ Everything comes from the Detect head's raw output (box distributions, class log
 see :func:`~detkd.ultralytics_internals.dense_head_outputs`), which Ultralytics returns in training and eval mode:
 no hooks, so nothing extra lives in the model and it still pickles and deep-copies as Ultralytics expects.
 End-to-end heads (YOLO26) have ``one2many`` and ``one2one`` branches; the dense ``one2many`` branch is used.
+
+The backbone's stage outputs that feed the neck (for ``from: backbone`` feature terms) are not in that output: a
+forward keeps them only after :meth:`UltralyticsAdapter.record_backbone`, whose forward hooks the caller removes when
+done. The distillation criterion installs them on the training student after Ultralytics made its EMA copy and
+removes them at the end of training, so no checkpoint or copy of the student carries them.
 """
 
 from __future__ import annotations
 
 import os
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from detkd import ultralytics_internals as internals
-from detkd.adapters.view import DetectorView
+from detkd.adapters.view import DetectorView, grid_stride
 from detkd.errors import DetkdError
 from detkd.safe_load import pickled_strings
 
@@ -40,6 +46,7 @@ class UltralyticsAdapter:
         self.model = model
         self.head = detect_head(model)
         self.branch = branch
+        self._stage_outputs: dict[int, torch.Tensor] | None = None  # layer -> output of the last forward, recording
 
     @property
     def names(self) -> dict[int, str]:
@@ -57,6 +64,59 @@ class UltralyticsAdapter:
     @property
     def reg_max(self) -> int:
         return int(self.head.reg_max)
+
+    @property
+    def backbone_channels(self) -> list[int]:
+        """Channels of the backbone stage outputs the neck reads, by increasing stride."""
+        return list(self._stages[1])
+
+    @property
+    def backbone_strides(self) -> list[int]:
+        return list(self._stages[2])
+
+    @cached_property
+    def _stages(self) -> tuple[list[int], list[int], list[int]]:
+        """(layers, channels, strides) of the backbone stage outputs the neck reads
+        (:func:`~detkd.ultralytics_internals.neck_inputs`), one per stride (the last layer at it), by increasing
+        stride; read off one small forward without gradients, in eval mode so that no BatchNorm statistic moves
+        (each module's mode is restored after)."""
+        layers, outputs = internals.neck_inputs(self.model), {}
+        size = 2 * max(self.strides)
+        modes = [(m, m.training) for m in self.model.modules()]
+        handles = [self.model.model[i].register_forward_hook(partial(_keep_output, outputs, i)) for i in layers]
+        try:
+            p = next(self.model.parameters())
+            with torch.no_grad():
+                self.model.eval()(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        finally:
+            for h in handles:
+                h.remove()
+            for m, training in modes:
+                m.training = training
+        by_stride = {grid_stride(size, outputs[i]): i for i in layers}  # layers in order: the last at a stride wins
+        strides = sorted(by_stride)
+        kept = [by_stride[s] for s in strides]
+        return kept, [outputs[i].shape[1] for i in kept], strides
+
+    def record_backbone(self) -> list[_Recording]:
+        """From now on each forward keeps its backbone stage outputs, which :meth:`view` returns as
+        ``backbone_feats``: a forward hook on each of those layers, and a pre-hook on the first layer that forgets
+        the forward before. Returns the recording's handle: the caller removes it when done (views then carry no
+        backbone outputs again)."""
+        outputs: dict[int, torch.Tensor] = {}
+        layers = self.model.model
+        handles = [layers[0].register_forward_pre_hook(lambda module, inputs: outputs.clear())]
+        handles += [layers[i].register_forward_hook(partial(_keep_output, outputs, i)) for i in self._stages[0]]
+        self._stage_outputs = outputs
+        return [_Recording(self, handles)]
+
+    def _backbone_feats(self) -> list[torch.Tensor] | None:
+        if self._stage_outputs is None:
+            return None
+        layers = self._stages[0]
+        if any(i not in self._stage_outputs for i in layers):  # hooks removed, or a view without its forward
+            raise DetkdError(f"{type(self.model).__name__}: no backbone outputs recorded for this view's forward")
+        return [self._stage_outputs[i] for i in layers]
 
     def view(self, preds) -> DetectorView:
         """The view of a forward's output, in training or eval mode."""
@@ -79,12 +139,30 @@ class UltralyticsAdapter:
             box_ltrb=box_ltrb,
             anchor_points=anchor_points,
             stride_tensor=stride_tensor,
+            backbone_feats=self._backbone_feats(),
+            backbone_strides=self.backbone_strides if self._stage_outputs is not None else None,
         )
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> DetectorView:
         """Forward (without gradients) and view; for teachers."""
         return self.view(self.model(images))
+
+
+class _Recording:
+    """The handle of :meth:`UltralyticsAdapter.record_backbone`: ``remove()`` ends it."""
+
+    def __init__(self, adapter: UltralyticsAdapter, handles: list[torch.utils.hooks.RemovableHandle]):
+        self.adapter, self.handles = adapter, handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.adapter._stage_outputs = None
+
+
+def _keep_output(outputs: dict[int, torch.Tensor], layer: int, module, inputs, output) -> None:
+    outputs[layer] = output
 
 
 def load_ultralytics_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -27,7 +28,9 @@ class DetectorView:
     box_ltrb: Tensor | None = None  # (N, A, 4) distances from the anchor point, in units of its stride
     anchor_points: Tensor | None = None  # (A, 2) anchor centres in grid units
     stride_tensor: Tensor | None = None  # (A, 1)
-    backbone_feats: list[Tensor] | None = None  # (N, C, H, W) per backbone stage feeding the neck (ResNet C2-C5)
+    # (N, C, H, W) per backbone stage feeding the neck (ResNet C2-C5; a YOLO's at strides 8/16/32, when its
+    # adapter records them: UltralyticsAdapter.record_backbone)
+    backbone_feats: list[Tensor] | None = None
     backbone_strides: list[int] | None = None
     # a two-stage detector's RoI head on this pass's features: (boxes per image (R_i, 4) xyxy pixels, (H, W) of the
     # input) -> its verdict (detkd.adapters.torchvision.SecondStage); None for single-stage detectors
@@ -63,12 +66,20 @@ class DetectorView:
         )
 
 
+def grid_stride(size: int, feature: Tensor) -> int:
+    """The power of two by which ``feature``'s grid divides an input of ``size`` pixels (ceil-mode grids round)."""
+    return 2 ** round(math.log2(size / feature.shape[-1]))
+
+
 class DetectorAdapter(Protocol):
     """What the distiller and the criterion need of a detector, student or teacher (one adapter per family).
 
     ``channels``, ``strides`` and ``names`` describe the feature levels and classes (the distiller builds its
-    connectors and class pairs from them); ``view`` reads a :class:`DetectorView` off the output of the model's
-    forward pass (a student's, with gradients); calling the adapter runs the frozen model on images (a teacher's).
+    connectors and class pairs from them), ``backbone_channels`` and ``backbone_strides`` the backbone stages that
+    feed the neck (for ``from: backbone`` feature terms, whose views need ``record_backbone()`` first: it returns
+    handles to ``remove()`` when done, none where views always carry them); ``view`` reads a :class:`DetectorView`
+    off the output of the model's forward pass (a student's, with gradients); calling the adapter runs the frozen
+    model on images (a teacher's).
     ``dense_head``: whether views carry per-anchor class and box outputs (logit and box terms pair them);
     ``roi_head``: whether views carry a second stage that judges given boxes (the ``second_stage`` terms use it).
     """
@@ -85,6 +96,14 @@ class DetectorAdapter(Protocol):
 
     @property
     def names(self) -> dict[int, str]: ...
+
+    @property
+    def backbone_channels(self) -> list[int]: ...
+
+    @property
+    def backbone_strides(self) -> list[int]: ...
+
+    def record_backbone(self) -> list: ...  # handles with ``remove()``
 
     def view(self, preds) -> DetectorView: ...
 

@@ -18,6 +18,15 @@ teacher see the whole batch in one forward each (one set of BatchNorm statistics
   Without ``pseudo`` they have none: a feature loss that reads ``gt_boxes`` sees every location as background there,
   and terms that need an assignment are refused when the recipe loads.
 
+With ``distill.pseudo`` the labeled images get pseudo-boxes too, where their labels have a gap: the teacher's
+detections scoring at least ``pseudo.conf`` that overlap none of the image's labels (IoU < 0.5 with each, whatever
+its class: :func:`with_missed_boxes`), boxes the annotators missed. With ``L(labels)`` Ultralytics' task loss, the
+labeled images' loss becomes ``L(labels) + weight · (L(labels + missed) − L(labels))``: at ``weight`` 1 the task loss
+on the completed labels, at 0 on the labels alone, in between a blend of the two (the task loss cannot weigh
+single boxes, so the blend weighs its two values). The part after ``L(labels)`` is logged as ``pseudo``; it is the
+change the extra boxes make, so it can be negative (the student already finds them). The distillation terms read the
+labels' own assignment.
+
 The pseudo-box task loss is the teacher's knowledge as much as the dense terms, so the schedule scales it too.
 """
 
@@ -33,7 +42,9 @@ from detkd.config import UnlabeledConfig
 from detkd.distiller import Distiller
 
 LABELED = "detkd_labeled"  # batch key: how many of the batch's images (the first ones) are labeled
-PSEUDO = "pseudo_u"  # the column of the pseudo-box task loss
+PSEUDO = "pseudo_u"  # the column of the pseudo-box task loss on unlabeled images
+MISSED = "pseudo"  # the column of what the missed boxes change in the labeled images' task loss (distill.pseudo)
+MISSED_IOU = 0.5  # a teacher detection overlapping a label this much or more is that label's object, not a miss
 NMS_IOU = 0.7  # Ultralytics' predict default
 MAX_DET = 300  # Ultralytics' predict default
 
@@ -55,7 +66,9 @@ class DistillationCriterion:
         self.factor = 1.0  # schedule multiplier, set by the trainer each batch
         self.nonfinite: dict[str, int] = {}  # term -> batches where it was not finite (reported each epoch)
         self._assigned: internals.Assignment | None = None  # the current batch's targets, from the task's assigner
-        self._hook = internals.on_assignment(task, self._capture_assignment)
+        self._hooks = [internals.on_assignment(task, self._capture_assignment)]
+        if distiller.uses_backbone:  # from: backbone feature terms read both detectors' backbone stages
+            self._hooks += [*student.record_backbone(), *teacher.record_backbone()]
         # teacher class index -> student class index (-1: a class the student does not have), for pseudo-boxes
         pairs = dict(zip(distiller.teacher_classes.tolist(), distiller.student_classes.tolist()))
         self._to_student = torch.full((max(teacher.names, default=0) + 1,), -1, dtype=torch.long)
@@ -67,18 +80,35 @@ class DistillationCriterion:
 
     @property
     def term_names(self) -> list[str]:
-        """The logged terms: the distiller's, and with unlabeled images the same on them (``_u``) and ``pseudo_u``."""
+        """The logged terms: the distiller's (and ``pseudo`` with ``distill.pseudo``), and with unlabeled images the
+        distiller's on them (``_u``) and ``pseudo_u``."""
         names = self.distiller.term_names
+        labeled = [*names, *([MISSED] if self.distiller.cfg.pseudo else [])]
         if self.unlabeled is None:
-            return names
-        return [*names, *(f"{n}_u" for n in names), *([PSEUDO] if self.unlabeled.pseudo else [])]
+            return labeled
+        return [*labeled, *(f"{n}_u" for n in names), *([PSEUDO] if self.unlabeled.pseudo else [])]
 
     def task_and_terms(self, preds, batch) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
         """Ultralytics' loss (× batch size) with its items, and the weighted distillation terms (before the
         schedule and the non-finite check) of a labeled batch: what ``detkd diagnose`` weighs."""
         loss, items = self.task(preds, batch)  # runs the assigner: its targets are captured for the terms
-        terms = self.distiller(self.student.view(preds), self.teacher(batch["img"]), batch, self._assigned)
-        return loss, items, terms
+        teacher = self.teacher(batch["img"])
+        terms = self.distiller(self.student.view(preds), teacher, batch, self._assigned)
+        return loss, items, {**terms, **self._missed_boxes_term(preds, batch, teacher, loss)}
+
+    def _missed_boxes_term(self, preds, batch: dict, teacher: DetectorView, loss: torch.Tensor) -> dict:
+        """``distill.pseudo`` on labeled images (``preds``, ``batch`` and ``teacher`` of those only; ``loss``:
+        their task loss): ``weight · (L(labels + missed) − L(labels))`` per image (see the module docstring)."""
+        c = self.distiller.cfg.pseudo
+        if c is None:
+            return {}
+        merged, added = with_missed_boxes(batch, self.pseudo_boxes(teacher, batch["img"], c.conf))
+        if not added:  # nothing missed: the labels are the completed labels
+            return {MISSED: torch.zeros((), device=loss.device)}
+        assigned = self._assigned
+        completed, _ = self.task(preds, merged)
+        self._assigned = assigned  # the terms read the labels' own assignment
+        return {MISSED: c.weight * (completed.sum() - loss.sum()) / batch["img"].shape[0]}
 
     def _labeled_task(self, preds, batch, n_labeled: int) -> tuple[torch.Tensor, dict]:
         """Ultralytics' loss on the labeled images (× their number), its targets captured for the terms."""
@@ -126,16 +156,16 @@ class DistillationCriterion:
         weighted = []
         if n_labeled:
             part = slice(0, n_labeled)
-            labeled = {**batch, "img": batch["img"][part]}
-            weighted.append(
-                (self.distiller(student.of_images(part), teacher.of_images(part), labeled, self._assigned), n_labeled)
-            )
+            labeled, t_view = {**batch, "img": batch["img"][part]}, teacher.of_images(part)
+            terms = self.distiller(student.of_images(part), t_view, labeled, self._assigned)
+            labeled_preds = internals.head_outputs_of_images(preds, part) if n_labeled < n else preds
+            weighted.append(({**terms, **self._missed_boxes_term(labeled_preds, labeled, t_view, loss)}, n_labeled))
         if n_labeled < n:
             part = slice(n_labeled, n)
             images = batch["img"][part]
             t_view, assigned = teacher.of_images(part), None
             if self.unlabeled.pseudo is not None:
-                boxes = self.pseudo_boxes(t_view, images)
+                boxes = self.pseudo_boxes(t_view, images, self.unlabeled.pseudo.conf)
                 unlabeled = _with_boxes({"img": images}, *boxes)
                 self._assigned = None
                 pseudo, _ = self.task(internals.head_outputs_of_images(preds, part), unlabeled)
@@ -150,12 +180,12 @@ class DistillationCriterion:
         return loss, items, weighted
 
     def pseudo_boxes(
-        self, teacher: DetectorView, images: torch.Tensor
+        self, teacher: DetectorView, images: torch.Tensor, conf: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's detections scoring at least ``pseudo.conf`` as Ultralytics batch labels ``(batch_idx,
-        cls, bboxes)``: student class indices (classes the student lacks dropped), normalised xywh boxes."""
+        """The teacher's detections scoring at least ``conf`` as Ultralytics batch labels ``(batch_idx, cls,
+        bboxes)``: student class indices (classes the student lacks dropped), normalised xywh boxes."""
         h, w = images.shape[-2:]
-        found = teacher_detections(self.teacher, teacher, images, self.unlabeled.pseudo.conf)
+        found = teacher_detections(self.teacher, teacher, images, conf)
         to_student = self._to_student.to(images.device)
         idx, cls, xyxy = [], [], []
         for i, d in enumerate(found):
@@ -177,7 +207,8 @@ class DistillationCriterion:
         return getattr(self.task, name)
 
     def remove(self) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
     def __deepcopy__(self, memo):
         return None
@@ -206,6 +237,30 @@ def teacher_detections(
         keep = torchvision.ops.batched_nms(b, s, c, NMS_IOU)[:MAX_DET]
         found.append({"boxes": b[keep], "scores": s[keep], "labels": c[keep]})
     return found
+
+
+def with_missed_boxes(
+    batch: dict, pseudo: tuple[torch.Tensor, torch.Tensor, torch.Tensor], iou: float = MISSED_IOU
+) -> tuple[dict, int]:
+    """``batch`` with the pseudo-boxes (Ultralytics labels ``(batch_idx, cls, bboxes)``, normalised xywh) that
+    overlap none of their image's labels by IoU ``iou`` or more appended to its labels, and how many were. Labels of
+    every class count: a box the annotators drew under another class is not a missed one. (IoU of normalised boxes
+    is their IoU in pixels: both axes scale every area alike.)"""
+    idx, cls, xywh = pseudo
+    labels = batch["bboxes"]
+    if len(idx) and len(labels):
+        overlap = torchvision.ops.box_iou(_xyxy(xywh), _xyxy(labels.to(xywh.dtype)))
+        overlap = overlap * (idx.view(-1, 1) == batch["batch_idx"].view(1, -1).to(idx.dtype))  # same image only
+        missed = overlap.amax(1) < iou
+        idx, cls, xywh = idx[missed], cls[missed], xywh[missed]
+    batch_idx = torch.cat((batch["batch_idx"].view(-1), idx.to(batch["batch_idx"].dtype)))
+    order = batch_idx.argsort(stable=True)  # image by image, as Ultralytics' collate orders labels and its loss reads
+    cls = torch.cat((batch["cls"].view(-1, 1), cls.to(batch["cls"].dtype)))
+    return _with_boxes(batch, batch_idx[order], cls[order], torch.cat((labels, xywh.to(labels.dtype)))[order]), len(idx)
+
+
+def _xyxy(xywh: torch.Tensor) -> torch.Tensor:
+    return torchvision.ops.box_convert(xywh, "cxcywh", "xyxy")
 
 
 def _no_boxes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
