@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detkd.benchmark import Bench, SyntheticData, load_profile, main
+from detkd.benchmark import Bench, Footage, SyntheticData, load_profile, main
 from detkd.benchmark.jobs import split_labeled
-from detkd.benchmark.profiles import Footage
 from detkd.config import load_recipe
 from detkd.data.yolo import label_file, load_yolo
 from detkd.errors import DetkdError
