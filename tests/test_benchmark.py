@@ -117,7 +117,7 @@ def test_unknown_profile_lists_the_built_in_ones():
         load_profile("nope")
     assert str(e.value) == (
         "nope: neither a benchmark profile file nor a built-in benchmark profile (built-in benchmark profiles: "
-        "converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer)"
+        "converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer, unlabeled)"
     )
 
 

@@ -4,6 +4,10 @@ Each run trains in a fresh process (``python -m detkd.benchmark run-one JOB.json
 peak memory is that run's own. A finished run leaves ``run.json`` beside its Ultralytics files and is skipped
 next time while its :class:`Job` is unchanged: the Job's fields are the cache key, so renaming or reordering them
 makes every earlier run look unfinished.
+
+A profile with ``data.labeled`` splits its training images once per output folder (:func:`split_labeled`): the
+labeled part is a data set of its own, the rest a folder of images without labels; the teacher's pseudo-labels of
+those (for ``data: labeled+pseudo``) are made once per teacher and confidence (:meth:`Bench.prepare_pseudo`).
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from detkd.benchmark.profiles import DataSpec, Method, Profile, method_recipe
 from detkd.config import load_recipe
-from detkd.utils import read_results, save_json
+from detkd.errors import DetkdError
+from detkd.utils import read_results, save_json, write_text
 
 
 @dataclass
@@ -60,29 +67,89 @@ class Bench:
 
     profile: Profile
     out: Path
-    data_yaml: Path
+    data_yaml: Path  # the labeled training images (with ``data.labeled``: its labeled part)
     eval_data: Path  # the COCO val json of synthetic data, else the data yaml (its val split)
     teacher: Job
+    all_data: Path | None = None  # with ``data.labeled``: every training image, fully labeled
+    unlabeled: list[Path] = field(default_factory=list)  # with ``data.labeled``: the unlabeled images' sources
 
     @classmethod
     def prepare(cls, profile: Profile, out: str | os.PathLike) -> Bench:
-        """Generate the synthetic data if needed (once per output folder) and plan the teacher."""
+        """Generate the synthetic data and split off the unlabeled images if needed (once per output folder), and
+        plan the teacher. Without its own ``teacher.data``, the teacher trains on the students' labeled images."""
         out = Path(out).resolve()
         data_yaml, eval_data = _prepare_data(profile.data, out)
+        all_data, unlabeled = None, []
+        if profile.data.labeled is not None:
+            all_data = data_yaml
+            data_yaml, folder = split_labeled(all_data, profile.data.labeled, out / "data")
+            unlabeled = [folder, *([_prepare_footage(profile.data, out)] if profile.data.footage else [])]
         teacher_data = data_yaml if profile.teacher.data is None else _prepare_data(profile.teacher.data, out)[0]
-        return cls(profile, out, data_yaml, eval_data, _teacher_job(profile, out, teacher_data, eval_data))
+        teacher = _teacher_job(profile, out, teacher_data, eval_data)
+        return cls(profile, out, data_yaml, eval_data, teacher, all_data, unlabeled)
 
     def job(self, method: Method, seed: int) -> Job:
         """The run of ``method`` at ``seed``: the same training keys for every method, plus what the method adds."""
         p = self.profile
         run_dir = self.out / "runs" / f"{method.name}_s{seed}"
-        train = _train_args(p, self.data_yaml, seed, run_dir, p.budget.epochs)
+        data = self.train_data(method)
+        train = _train_args(p, data, seed, run_dir, p.budget.epochs)
         recipe = None
         if method.kind == "builtin":
             train.update(distill_model=str(self.teacher.checkpoint), dis=6.0 if method.dis is None else method.dis)
         elif method.kind == "detkd":
-            recipe = method_recipe(method, str(self.teacher.checkpoint), p.student, str(self.data_yaml)).to_dict()
+            unlabeled = [str(u) for u in self.unlabeled] if method.data == "labeled" else None
+            teacher = str(self.teacher.checkpoint)
+            recipe = method_recipe(method, teacher, p.student, str(data), unlabeled).to_dict()
         return Job(method.name, seed, str(run_dir), p.student, train, recipe, str(self.eval_data), p.budget.imgsz)
+
+    def train_data(self, method: Method) -> Path:
+        """The data yaml ``method`` trains on (see :class:`~detkd.benchmark.profiles.Method`'s ``data``)."""
+        if method.data == "all":
+            return self.all_data
+        if method.data == "labeled+pseudo":
+            return self.pseudo_data(method.pseudo_threshold)
+        return self.data_yaml
+
+    def pseudo_data(self, conf: float) -> Path:
+        """The data yaml of the labeled images and the unlabeled ones labeled by the teacher at ``conf``: one per
+        teacher, unlabeled images, confidence and inference size (made by :meth:`prepare_pseudo`)."""
+        key = _digest(self.teacher.run_dir, [str(u) for u in self.unlabeled], conf, self.profile.budget.imgsz)
+        return self.out / "pseudo" / f"conf{conf:g}_{key}" / "data.yaml"
+
+    def prepare_pseudo(self, conf: float) -> Path:
+        """Label the unlabeled images with the (finished) teacher, as ``detkd pseudo-label`` does, in a child
+        process (its output in ``pseudo_label.log``); then write the data yaml whose train images are the labeled
+        ones and the pseudo-labeled ones (Ultralytics reads a list of folders). Skipped when done before."""
+        data = self.pseudo_data(conf)
+        if data.is_file():  # written last
+            return data
+        folder, b = data.parent, self.profile.budget
+        shutil.rmtree(folder, ignore_errors=True)  # a cut labeling starts over
+        folder.mkdir(parents=True)
+        log(f"pseudo-labeling {', '.join(map(str, self.unlabeled))} with the teacher at conf {conf:g} in {folder}")
+        command = [sys.executable, "-m", "detkd.cli", "pseudo-label", "--teacher", str(self.teacher.checkpoint)]
+        command += ["--source", *map(str, self.unlabeled), "--out", str(folder / "set"), "--conf", str(conf)]
+        command += ["--imgsz", str(b.imgsz), "--batch", str(b.batch)]
+        command += [] if b.device is None else ["--device", str(b.device)]
+        with open(folder / "pseudo_label.log", "w") as output:
+            code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+        if code:
+            raise DetkdError(f"{folder / 'pseudo_label.log'}: pseudo-labeling failed (exit {code})")
+        labeled = yaml.safe_load(self.data_yaml.read_text())  # written by split_labeled: images/{train,val}
+        pseudo = yaml.safe_load((folder / "set" / "data.yaml").read_text())
+        if list(pseudo["names"].values()) != list(labeled["names"].values()):
+            raise DetkdError(
+                f"{self.teacher.checkpoint}: the teacher's classes {list(pseudo['names'].values())} are not the "
+                f"data's {list(labeled['names'].values())}: its pseudo-labels cannot join the labeled images"
+            )
+        merged = {
+            "train": [str(self.data_yaml.parent / labeled["train"]), str(folder / "set" / "images")],
+            "val": str(self.data_yaml.parent / labeled["val"]),
+            "names": labeled["names"],
+        }
+        write_text(data, yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
+        return data
 
     def finished_runs(self) -> list[dict]:
         """Every finished run of the profile's methods, any seed, whose settings match the profile's."""
@@ -108,6 +175,44 @@ def _prepare_data(spec: DataSpec, out: Path) -> tuple[Path, Path]:
         log(f"generating {s.train} + {s.val} synthetic scenes at {s.imgsz} px in {root}")
         generate_synthetic(root, s.train, s.val, seed=s.seed, cfg=SynthConfig(imgsz=s.imgsz))
     return root / "data.yaml", root / "annotations" / "instances_val.json"
+
+
+def split_labeled(data_yaml: Path, fraction: float, folder: Path) -> tuple[Path, Path]:
+    """The first ``fraction`` of ``data_yaml``'s training images (by path: synthetic scenes 0, 1, ...) with their
+    labels, and its val split, as a data set of their own; the other training images in a folder ``unlabeled/``
+    beside it without any label file, so that nothing can read their labels. Made once (``data.yaml`` written
+    last); returns that data yaml and the unlabeled folder."""
+    from detkd.data.yolo import load_yolo, write_yolo
+
+    train = load_yolo(data_yaml, "train")
+    n = round(fraction * len(train.images))
+    if not 0 < n < len(train.images):
+        raise DetkdError(
+            f"{data_yaml}: a labeled fraction of {fraction:g} of {len(train.images)} training images "
+            f"leaves {'none labeled' if n == 0 else 'none unlabeled'}"
+        )
+    root = folder / f"{data_yaml.parent.name}_labeled{n}_{_digest(str(data_yaml))}"
+    if not (root / "data.yaml").is_file():
+        log(f"splitting {data_yaml}: {n} labeled training images, {len(train.images) - n} unlabeled, in {root}")
+        kept = {im.id for im in train.images[:n]}
+        labeled = replace(
+            train, images=train.images[:n], annotations=[a for a in train.annotations if a.image_id in kept]
+        )
+        replace(train, images=train.images[n:], annotations=[]).with_images_in(root, "unlabeled")
+        write_yolo({"train": labeled, "val": load_yolo(data_yaml, "val")}, root)
+    return root / "data.yaml", root / "unlabeled"
+
+
+def _prepare_footage(spec: DataSpec, out: Path) -> Path:
+    """The profile's synthetic footage (an MP4, its ground truth beside it, read by nothing here), made once."""
+    s, f = spec.synthetic, spec.footage
+    video = out / "data" / f"footage_{f.frames}f_{f.fps:g}fps_{s.imgsz}px_s{s.seed}.mp4"
+    if not video.is_file():  # written atomically
+        from detkd.data.footage import write_footage
+
+        log(f"writing {f.frames} frames of synthetic footage at {s.imgsz} px to {video}")
+        write_footage(video, f.frames, s.imgsz, f.fps, s.seed)
+    return video
 
 
 def _train_args(profile: Profile, data_yaml: Path, seed: int, run_dir: Path, epochs: int) -> dict[str, Any]:

@@ -3,9 +3,15 @@
 A profile (built-in ones in ``detkd/configs/benchmarks/``, found by name: ``quick``, ``cpu``, ``gpu``, ...) declares
 the data (built-in synthetic scenes or a YOLO data yaml), the teacher (trained once and cached, or a checkpoint),
 the student, the budget (epochs, image size, batch) and the methods: ``alone`` (the baseline), ``builtin``
-(Ultralytics' ``distill_model=``/``dis=``) and ``detkd`` (a recipe and/or ``distill:``/``init:`` overrides). Every
-method gets the same data, augmentation and budget; only the seeds may differ per method (more seeds where the
-comparison matters most).
+(Ultralytics' ``distill_model=``/``dis=``) and ``detkd`` (a recipe and/or ``distill:``/``init:``/``unlabeled:``
+overrides). Every method gets the same data, augmentation and budget; only the seeds may differ per method (more
+seeds where the comparison matters most).
+
+With ``data.labeled`` only that fraction of the training images keeps its labels (the rest, and optional synthetic
+``footage``, are the unlabeled images), and a method says what it trains on (``data``): the labeled part (the
+default), ``all`` training images fully labeled (the ceiling), or ``labeled+pseudo`` (the labeled part and the
+unlabeled images labeled by the teacher); a detkd recipe reaches the unlabeled images as ``unlabeled: {source:
+unlabeled}``.
 """
 
 from __future__ import annotations
@@ -18,11 +24,23 @@ from typing import Any, Literal
 
 import yaml
 
-from detkd.config import CONFIGS_DIR, Recipe, build_dataclass, config_file, load_recipe
+from detkd.config import (
+    AT_LEAST_ONE,
+    CONFIGS_DIR,
+    POSITIVE,
+    PROBABILITY,
+    PseudoConfig,
+    Recipe,
+    build_dataclass,
+    config_file,
+    load_recipe,
+)
 from detkd.errors import DetkdError
 
 PROFILES_DIR = CONFIGS_DIR / "benchmarks"
 TEACHER_PLACEHOLDER = "teacher"  # ``init: {source: teacher}`` transfers from the benchmark's teacher
+UNLABELED_PLACEHOLDER = "unlabeled"  # ``unlabeled: {source: unlabeled}``: the benchmark's unlabeled images
+PSEUDO_CONF = PseudoConfig().conf  # a teacher detection scoring this or more is a pseudo-label (as in recipes)
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # method names become folder names
 _SET_BY_THE_BENCHMARK = {
     "data",
@@ -52,9 +70,22 @@ class SyntheticData:
 
 
 @dataclass
+class Footage:
+    """Synthetic traffic footage (:func:`detkd.data.footage.write_footage`, ``detkd synth --video``) at the scenes'
+    size and seed: more unlabeled frames, from a static camera."""
+
+    frames: int = field(default=300, metadata=AT_LEAST_ONE)
+    fps: float = field(default=15.0, metadata=POSITIVE)
+
+
+@dataclass
 class DataSpec:
     synthetic: SyntheticData | None = None  # the default when ``yaml`` is not given
     yaml: str | None = None  # any YOLO data yaml (relative to the profile's folder); evaluated on its val split
+    # The fraction of the training images (the first, by path: synthetic scenes 0, 1, ...) that keeps its labels;
+    # the others become unlabeled images, in a folder without labels (see detkd.benchmark.jobs)
+    labeled: float | None = field(default=None, metadata=PROBABILITY)
+    footage: Footage | None = None  # more unlabeled images (synthetic data with ``labeled`` only)
 
 
 @dataclass
@@ -90,7 +121,17 @@ class Method:
     recipe: str | None = None  # detkd: recipe file (relative to the profile's folder) or built-in name; default: none
     distill: dict[str, Any] | None = None  # detkd: overrides of the recipe's distill section
     init: dict[str, Any] | None = None  # detkd: overrides of the recipe's init section (source: teacher allowed)
+    unlabeled: dict[str, Any] | None = None  # detkd: overrides of the recipe's unlabeled section (source: unlabeled)
+    # What it trains on: the profile's labeled training images; with ``data.labeled`` also ``all`` of them, fully
+    # labeled, or ``labeled+pseudo``: the labeled ones and the unlabeled ones labeled by the teacher at pseudo_conf
+    data: Literal["labeled", "all", "labeled+pseudo"] = "labeled"
+    pseudo_conf: float | None = field(default=None, metadata=PROBABILITY)  # default: PSEUDO_CONF
     seeds: list[int] | None = None  # default: the profile's seeds
+
+    @property
+    def pseudo_threshold(self) -> float:
+        """The teacher score from which its detections label the unlabeled images (``data: labeled+pseudo``)."""
+        return PSEUDO_CONF if self.pseudo_conf is None else self.pseudo_conf
 
 
 @dataclass
@@ -108,8 +149,9 @@ class Profile:
 
     @property
     def baseline(self) -> str | None:
-        """The student alone: what gains, the teacher gap and time ratios are measured against."""
-        return next((m.name for m in self.methods if m.kind == "alone"), None)
+        """The student alone on the labeled images: what gains, the teacher gap and time ratios are measured
+        against."""
+        return next((m.name for m in self.methods if m.kind == "alone" and m.data == "labeled"), None)
 
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:
@@ -150,11 +192,20 @@ def _resolve_paths(profile: Profile, base: Path) -> None:
         m.recipe = _resolve_recipe(base, m.recipe)
         if m.init and m.init.get("source"):
             m.init["source"] = _resolve(base, m.init["source"])
+        if m.unlabeled and isinstance(source := m.unlabeled.get("source"), (str, list)):
+            sources = [source] if isinstance(source, str) else source
+            m.unlabeled["source"] = [s if s == UNLABELED_PLACEHOLDER else _resolve(base, str(s)) for s in sources]
 
 
 def _check_data(data: DataSpec, source: str, key: str) -> None:
     if data.yaml and data.synthetic:
         raise DetkdError(f"{source}: '{key}' has both 'synthetic' and 'yaml' (choose one)")
+    if data.labeled == 1:
+        raise DetkdError(f"{source}: '{key}.labeled' is 1: no training image would be left unlabeled")
+    if data.footage and (data.yaml or data.labeled is None):
+        raise DetkdError(
+            f"{source}: '{key}.footage' is unlabeled synthetic footage: it needs synthetic data with '{key}.labeled'"
+        )
     if data.yaml is None:
         data.synthetic = data.synthetic or SyntheticData()
     elif not Path(data.yaml).is_file():
@@ -166,6 +217,10 @@ def _check_profile(profile: Profile, source: str) -> None:
     _check_data(profile.data, source, "data")
     if teacher.data is not None:
         _check_data(teacher.data, source, "teacher.data")
+        if teacher.data.labeled is not None or teacher.data.footage is not None:
+            raise DetkdError(
+                f"{source}: 'teacher.data' trains the teacher on labeled images only (no 'labeled' or 'footage' there)"
+            )
     if teacher.checkpoint and not Path(teacher.checkpoint).is_file():
         raise DetkdError(f"{source}: 'teacher.checkpoint' file not found: {teacher.checkpoint}")
     from detkd.adapters import torchvision  # torch and torchvision: only for a profile that loads
@@ -187,19 +242,23 @@ def _check_profile(profile: Profile, source: str) -> None:
             raise DetkdError(f"{source}: 'methods[{i}].name' must be letters, digits, _ - . or +, got {m.name!r}")
         if m.name in names[:i]:
             raise DetkdError(f"{source}: 'methods[{i}].name' {m.name!r} is already used by an earlier method")
-        _check_method(m, f"{source}: 'methods[{i}]' ({m.name})")
-    if sum(m.kind == "alone" for m in profile.methods) > 1:
-        raise DetkdError(f"{source}: 'methods' has more than one of kind 'alone' (the one baseline)")
+        _check_method(m, f"{source}: 'methods[{i}]' ({m.name})", labeled=profile.data.labeled is not None)
+    if sum(m.kind == "alone" and m.data == "labeled" for m in profile.methods) > 1:
+        raise DetkdError(f"{source}: 'methods' has more than one of kind 'alone' on data 'labeled' (the one baseline)")
 
 
-def _check_method(m: Method, where: str) -> None:
+def _check_method(m: Method, where: str, labeled: bool) -> None:
     if m.seeds is not None and not m.seeds:
         raise DetkdError(f"{where}: 'seeds' is empty")
     if m.dis is not None and m.kind != "builtin":
         raise DetkdError(f"{where}: 'dis' is for kind 'builtin' only")
-    extra = [k for k in ("recipe", "distill", "init") if getattr(m, k) is not None]
+    extra = [k for k in ("recipe", "distill", "init", "unlabeled") if getattr(m, k) is not None]
     if extra and m.kind != "detkd":
         raise DetkdError(f"{where}: '{extra[0]}' is for kind 'detkd' only")
+    if m.data != "labeled" and not labeled:
+        raise DetkdError(f"{where}: 'data: {m.data}' needs the profile's 'data.labeled' (the unlabeled part)")
+    if m.pseudo_conf is not None and m.data != "labeled+pseudo":
+        raise DetkdError(f"{where}: 'pseudo_conf' is for 'data: labeled+pseudo' only")
     if m.kind == "detkd":
         try:
             recipe = method_recipe(m, teacher="teacher.pt", student="yolov8n.yaml", data="data.yaml")
@@ -207,15 +266,25 @@ def _check_method(m: Method, where: str) -> None:
             raise DetkdError(f"{where}: {e}") from e
         if not recipe.distills and not recipe.init.source:
             raise DetkdError(f"{where}: the recipe neither distills nor transfers (set 'distill' or 'init.source')")
+        wants_unlabeled = recipe.unlabeled is not None and UNLABELED_PLACEHOLDER in recipe.unlabeled.source
+        if wants_unlabeled and not (labeled and m.data == "labeled"):
+            raise DetkdError(
+                f"{where}: 'unlabeled.source: {UNLABELED_PLACEHOLDER}' is the benchmark's unlabeled images: it needs "
+                "the profile's 'data.labeled' and the method's 'data: labeled'"
+            )
 
 
-def method_recipe(method: Method, teacher: str, student: str, data: str) -> Recipe:
-    """The detkd recipe of a method, with the benchmark's teacher, student and data; its own ``train`` keys are
-    dropped so that the budget is the profile's alone."""
-    overrides = {k: v for k in ("distill", "init") if (v := getattr(method, k)) is not None}
+def method_recipe(method: Method, teacher: str, student: str, data: str, unlabeled: list[str] | None = None) -> Recipe:
+    """The detkd recipe of a method, with the benchmark's teacher, student, data and unlabeled images (in place of
+    ``unlabeled: {source: unlabeled}``); its own ``train`` keys are dropped so that the budget is the profile's
+    alone."""
+    overrides = {k: v for k in ("distill", "init", "unlabeled") if (v := getattr(method, k)) is not None}
     recipe = load_recipe(method.recipe, overrides)
     if recipe.init.source == TEACHER_PLACEHOLDER:
         recipe.init.source = teacher
+    if recipe.unlabeled and unlabeled:
+        given = recipe.unlabeled.source
+        recipe.unlabeled.source = [s for g in given for s in (unlabeled if g == UNLABELED_PLACEHOLDER else [g])]
     recipe.teacher = teacher if recipe.distills else None
     recipe.student, recipe.data, recipe.train = student, data, {}
     return recipe

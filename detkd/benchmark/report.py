@@ -83,6 +83,7 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
     runs = bench.finished_runs()
     methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher and teacher["metrics"]["AP"])
     kinds = {m.name: m.kind for m in profile.methods}
+    trained_on = {m.name: m.data for m in profile.methods}
     return {
         "profile": profile.name,
         "command": command,
@@ -93,7 +94,7 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
         "student": profile.student,
         "teacher": {**asdict(profile.teacher), "metrics": teacher and teacher["metrics"]},
         "baseline": profile.baseline,
-        "methods": [{**row, "kind": kinds[row["method"]]} for row in methods],
+        "methods": [{**row, "kind": kinds[row["method"]], "data": trained_on[row["method"]]} for row in methods],
         "runs": [{k: v for k, v in r.items() if k != "job"} for r in runs],
         "failed": list(failed),
     }
@@ -124,6 +125,11 @@ def format_markdown(report: dict) -> str:
     m, b, d, teacher = report["machine"], report["budget"], report["data"], report["teacher"]
     s = d["synthetic"]
     data = f"synthetic scenes, {s['train']} train / {s['val']} val at {s['imgsz']} px" if s else d["yaml"]
+    if d.get("labeled"):
+        footage = d.get("footage")
+        data += f", {100 * d['labeled']:g} % of train labeled, the rest unlabeled" + (
+            f" with {footage['frames']} frames of synthetic footage at {footage['fps']:g} fps" if footage else ""
+        )
     teacher_name = teacher["checkpoint"] or f"{teacher['model']} ({teacher['epochs']} epochs)"
     teacher_ap = _cell(teacher["metrics"] and teacher["metrics"]["AP"], ".4f")
     base = next((r for r in report["methods"] if r["method"] == report["baseline"]), None)
@@ -138,6 +144,7 @@ def format_markdown(report: dict) -> str:
         f"{report['student']}",
         f"- teacher {teacher_name}: AP {teacher_ap}; baseline ({report['baseline']}): AP "
         + (_pm(base["metrics"]["AP"]) if base else "—"),
+        *_trained_on(report["methods"]),
         "",
         "| method | AP | AP50 | AP75 | APs | APm | APl | seeds | gap closed | time/epoch | peak mem (MB) |",
         "|---|" + "---|" * 10,
@@ -162,6 +169,13 @@ def format_markdown(report: dict) -> str:
     if report["failed"]:
         lines += ["", "Failed runs (see bench.log in each): " + ", ".join(report["failed"])]
     return "\n".join(lines) + "\n"
+
+
+def _trained_on(methods: list[dict]) -> list[str]:
+    """Where methods train on different data (a profile with ``data.labeled``), which data each one had."""
+    if all(r.get("data", "labeled") == "labeled" for r in methods):
+        return []
+    return ["- trained on: " + "; ".join(f"{r['method']}: {r['data']}" for r in methods)]
 
 
 def _figure(width: float = 7.0, height: float = 4.5):

@@ -1,9 +1,9 @@
 """Run a benchmark profile: every method against the student alone, at one budget, over seeds (``detkd benchmark``).
 
-Each run is its own process (:mod:`detkd.benchmark.jobs`): the teacher first, then the students one at a time, or
-``parallel`` side by side, each with an equal share of the CPU cores (on a GPU machine, small runs are bound by the
-CPU's augmentation, not the GPU). The report is rewritten after each run (:mod:`detkd.benchmark.report`), and a cut
-benchmark resumes where it stopped.
+Each run is its own process (:mod:`detkd.benchmark.jobs`): the teacher first (then its pseudo-labels, where a method
+trains on them), then the students one at a time, or ``parallel`` side by side, each with an equal share of the CPU
+cores (on a GPU machine, small runs are bound by the CPU's augmentation, not the GPU). The report is rewritten after
+each run (:mod:`detkd.benchmark.report`), and a cut benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def run_benchmark(
 
     if teacher_todo:  # every student needs it: it runs first, alone
         finished(*run(bench.teacher))
+    to_train = {j.method for j in todo}
+    pseudo = {m.pseudo_threshold for m in profile.methods if m.data == "labeled+pseudo" and m.name in to_train}
+    for conf in sorted(pseudo):  # the teacher's labels of the unlabeled images, before the runs that train on them
+        bench.prepare_pseudo(conf)
     with ThreadPoolExecutor(max_workers=parallel) as pool:  # its threads only wait on child processes
         for future in as_completed([pool.submit(run, job) for job in todo]):
             finished(*future.result())
