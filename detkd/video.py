@@ -370,17 +370,22 @@ def run_video(
     vid_stride: int = 1,
     device: str | None = None,
     live: bool | None = None,
+    threads: int | None = None,
 ) -> VideoSummary:
     """Detect (``track``: and track, with ``"bytetrack"`` or ``"botsort"``) on every ``vid_stride``-th frame of
     ``source``; write the annotated MP4 ``out`` and the JSONL ``jsonl`` (at least one) as frames come; return the
     summary, also saved as :func:`summary_path`. ``conf`` None: Ultralytics' default (0.25; 0.1 when tracking, so
-    that the tracker sees low-score detections). Ctrl-C ends the stream with its outputs complete."""
+    that the tracker sees low-score detections). ``threads``: the model runtime's threads (None: every core, or
+    ``OMP_NUM_THREADS``), in one pool (:func:`detkd.ultralytics_internals.runtime_threads`). Ctrl-C ends the stream
+    with its outputs complete."""
     from detkd.adapters.torchvision import is_torchvision_teacher
     from detkd.evaluation import load_yolo_checkpoint
-    from detkd.ultralytics_internals import progress_bar, quiet_ultralytics
+    from detkd.ultralytics_internals import progress_bar, quiet_ultralytics, runtime_threads
 
     if out is None and jsonl is None:
         raise DetkdError("give --out (annotated MP4) and/or --jsonl (detections per frame)")
+    if threads is not None and threads < 1:
+        raise DetkdError(f"--threads must be at least 1 (got {threads})")
     if track is not None and track not in TRACKERS:
         raise DetkdError(f"unknown tracker {track!r}: choose from {', '.join(TRACKERS)}")
     if Path(model).suffix == ".pt" and Path(model).is_file() and is_torchvision_teacher(model):
@@ -406,7 +411,7 @@ def run_video(
     bar = progress_bar(total=expected, desc=Path(stream.name).name or stream.name, unit="frame")
     start = time.perf_counter()
     try:
-        with _HeldInterrupts() as interrupts, quiet_ultralytics():
+        with _HeldInterrupts() as interrupts, quiet_ultralytics(), runtime_threads(yolo, model, threads):
             if jsonl is not None:
                 Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
                 lines = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115 (closed in finally, also on Ctrl-C)
