@@ -40,6 +40,7 @@ import numpy as np
 
 from detkd.data.yolo import IMG_FORMATS
 from detkd.errors import DetkdError, first_line
+from detkd.runtime import default_threads
 from detkd.utils import save_json
 
 LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
@@ -278,6 +279,7 @@ class VideoSummary:
     processed: int
     latency_ms: dict[str, list[float]]  # per stage, one value per processed frame
     wall_s: float
+    threads: int  # of the model's runtime
     interrupted: bool = False
 
     @property
@@ -314,6 +316,7 @@ class VideoSummary:
             "latency_ms": self.stage_table(),
             "wall_s": round(self.wall_s, 3),
             "fps": round(self.fps, 2),
+            "threads": self.threads,
             "interrupted": self.interrupted,
         }
 
@@ -330,7 +333,10 @@ class VideoSummary:
         if table:
             lines.append(f"{'stage':<12}{'p50 ms':>9}{'p95 ms':>9}")
             lines += [f"{stage:<12}{v['p50']:>9.2f}{v['p95']:>9.2f}" for stage, v in table.items()]
-        lines.append(f"throughput: {self.fps:.1f} frames/s ({self.processed} frames in {self.wall_s:.2f} s)")
+        lines.append(
+            f"throughput: {self.fps:.1f} frames/s ({self.processed} frames in {self.wall_s:.2f} s, "
+            f"{self.threads} runtime threads)"
+        )
         return "\n".join(lines)
 
 
@@ -461,6 +467,7 @@ def run_video(
         processed=processed,
         latency_ms=latency,
         wall_s=time.perf_counter() - start,
+        threads=threads or default_threads(),
         interrupted=interrupted,
     )
     save_json(summary.to_json(), summary_path(out, jsonl))
