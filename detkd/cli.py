@@ -15,8 +15,8 @@ DEDUPE_HELP = (
     "gray levels on average (default: %(default)s; 0 keeps every frame)"
 )
 THREADS_HELP = (
-    "threads of the model's runtime, in one pool: torch for .pt, ONNX Runtime for .onnx (default: OMP_NUM_THREADS, "
-    "else every core)"
+    "threads of the model's runtime, in one pool: torch for .pt and .torchscript, ONNX Runtime for .onnx "
+    "(default: OMP_NUM_THREADS, else every core)"
 )
 
 

@@ -13,9 +13,9 @@ Per model, after warm-up:
 
 Every model sees the same image (a synthetic scene of the input size). Threads are set as ``detkd video`` sets them
 (:func:`detkd.ultralytics_internals.runtime_threads`, ``--threads``, recorded), so that the video's frames/s and
-this model call are compared like with like: torch's intra-op threads for ``.pt``; for ``.onnx``, ONNX Runtime's
-(workers sleeping between calls, not spinning) with torch single-threaded; OpenVINO and the others size their own
-pools.
+this model call are compared like with like: torch's intra-op threads for ``.pt`` and TorchScript; for ``.onnx``,
+ONNX Runtime's (workers sleeping between calls, not spinning) with torch single-threaded; OpenVINO and the others
+size their own pools.
 """
 
 from __future__ import annotations

@@ -534,6 +534,7 @@ def prediction_backend(yolo, image, imgsz: int, device=None) -> tuple[nn.Module,
 # Options of the ONNX Runtime sessions detkd runs frame by frame: its intra-op workers sleep between calls instead of
 # spin-waiting (ONNX Runtime's default), which holds a core the frame loop needs for decoding, NMS, tracking, drawing.
 ORT_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+TORCH_FORMATS = ("pt", "torchscript")  # AutoBackend formats whose model call runs on torch's own threads
 
 
 @contextlib.contextmanager
@@ -546,12 +547,12 @@ def runtime_threads(yolo, model: str | os.PathLike, threads: int | None = None):
     pre- and post-processing (letterbox to tensor, /255, NMS: torch ops on one frame) then ran on torch's OpenMP pool
     while ONNX Runtime's pool spun between calls, two pools on the same cores: preprocess took 45 ms instead of 0.2.
 
-    - PyTorch model: torch's intra-op threads = ``threads`` (they run the model call).
-    - An export: torch's = 1 (per-frame work on one small image, faster serially than waking a pool), and for ONNX
+    - PyTorch model or TorchScript export: torch's intra-op threads = ``threads`` (they run the model call).
+    - Another export: torch's = 1 (per-frame work on one small image, faster serially than waking a pool), and for ONNX
       Runtime on CPU the session is rebuilt from the same file with ``intra_op_num_threads = threads`` and
       :data:`ORT_SESSION_CONFIG`: ``AutoBackend`` builds ``InferenceSession(weight, None, providers)`` and passes no
       session options through (``ONNXBackend``'s ``session_options`` argument is not given by ``AutoBackend``), so
-      its ``backend.session`` is replaced. Other runtimes (OpenVINO, TensorRT, TorchScript) keep their own pools.
+      its ``backend.session`` is replaced. Other runtimes (OpenVINO, TensorRT) keep their own pools.
 
     Applied by an ``on_predict_start`` callback (public API): after the predictor's set-up, whose ``select_device``
     sets torch's threads to ``torch_utils.NUM_THREADS`` on CPU, and before its warm-up and first frame."""
@@ -564,7 +565,7 @@ def runtime_threads(yolo, model: str | os.PathLike, threads: int | None = None):
         if configured and configured[0] is backend:
             return
         configured[:] = [backend]
-        torch.set_num_threads(threads if backend.format == "pt" else 1)
+        torch.set_num_threads(threads if backend.format in TORCH_FORMATS else 1)
         session = getattr(backend.backend, "session", None)
         if backend.format == "onnx" and session is not None and session.get_providers() == ["CPUExecutionProvider"]:
             import onnxruntime
