@@ -14,6 +14,10 @@ DEDUPE_HELP = (
     "skip a video frame whose 32x32 grayscale thumbnail differs from the last frame taken by less than this many "
     "gray levels on average (default: %(default)s; 0 keeps every frame)"
 )
+THREADS_HELP = (
+    "threads of the model's runtime, in one pool: torch for .pt and .torchscript, ONNX Runtime for .onnx "
+    "(default: OMP_NUM_THREADS, else every core)"
+)
 
 
 def _synth(args) -> None:
@@ -147,6 +151,7 @@ def _video(args) -> int:
         classes=args.classes,
         vid_stride=args.vid_stride,
         device=args.device,
+        threads=args.threads,
     )
     print(summary.format())
     outputs = (("video", args.out), ("detections", args.jsonl), ("summary", summary_path(args.out, args.jsonl)))
@@ -164,7 +169,7 @@ def _speed(args) -> None:
         batches = tuple(int(b) for b in args.batch.split(","))
     except ValueError:
         raise DetkdError(f"--batch {args.batch}: expected batch sizes separated by commas (1,8)") from None
-    rows = [measure_speed(m, args.imgsz, batches, args.device, args.frames) for m in args.models]
+    rows = [measure_speed(m, args.imgsz, batches, args.device, args.frames, args.threads) for m in args.models]
     print(speed_table(rows, args.imgsz))
     print(f"speed: {save_json(speed_json(rows, args.imgsz, batches, args.frames), args.out)}")
 
@@ -408,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", help="keep only these classes (indices or names)")
     p.add_argument("--vid-stride", type=int, default=1, help="process every N-th frame (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_video)
 
@@ -417,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1,8", help="latency at the first, throughput at the last (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
     p.add_argument("--frames", type=int, default=100, help="timed calls at batch 1 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--out", default="runs/speed/speed.json", help="JSON of every number (default: %(default)s)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_speed)

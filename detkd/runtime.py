@@ -39,6 +39,12 @@ def cpu_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def default_threads() -> int:
+    """The threads detkd gives torch (and the runtime of an export): ``OMP_NUM_THREADS`` when set (so that runs side
+    by side can share the cores), else every core (:func:`cpu_threads`)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or cpu_threads())
+
+
 def set_environment() -> None:
     """Set Ultralytics' import-time switches. Cheap: imports nothing. A value the user set is kept."""
     os.environ.setdefault("YOLO_OFFLINE", "1")

@@ -11,8 +11,11 @@ Per model, after warm-up:
 - parameters and GFLOPs at the input size from Ultralytics' model info (thop) for ``.pt``; "-" for exports,
   whose graphs do not tell; the file size (an OpenVINO folder: its files).
 
-Every model sees the same image (a synthetic scene of the input size). ONNX Runtime and OpenVINO size their own
-thread pools; PyTorch uses ``torch.get_num_threads()`` (recorded).
+Every model sees the same image (a synthetic scene of the input size). Threads are set as ``detkd video`` sets them
+(:func:`detkd.ultralytics_internals.runtime_threads`, ``--threads``, recorded), so that the video's frames/s and
+this model call are compared like with like: torch's intra-op threads for ``.pt`` and TorchScript; for ``.onnx``,
+ONNX Runtime's (workers sleeping between calls, not spinning) with torch single-threaded; OpenVINO and the others
+size their own pools.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class SpeedRow:
     images_per_s: float | None
     throughput_note: str  # how the batch was run
     predict_p50_ms: float
-    torch_threads: int
+    threads: int  # the runtime's threads (torch for .pt; ONNX Runtime for .onnx, torch then single-threaded)
 
 
 def _size_mb(path: Path) -> float:
@@ -64,22 +67,28 @@ def _timed(call, n: int, synchronize) -> list[float]:
 
 
 def measure_speed(
-    model: str | os.PathLike, imgsz: int = 640, batches: tuple[int, ...] = (1, 8), device=None, frames: int = 100
+    model: str | os.PathLike,
+    imgsz: int = 640,
+    batches: tuple[int, ...] = (1, 8),
+    device=None,
+    frames: int = 100,
+    threads: int | None = None,
 ) -> SpeedRow:
     """Measure one model (see the module docstring); ``frames`` timed calls at batch 1, ``frames // batch`` (at
-    least 3) at the larger batch."""
+    least 3) at the larger batch; the runtime on ``threads`` threads as ``detkd video`` runs it."""
     import torch
 
     from detkd.data.synth import SynthConfig, render_scene
     from detkd.evaluation import load_yolo_checkpoint
-    from detkd.ultralytics_internals import fixed_batch, prediction_backend, quiet_ultralytics
+    from detkd.runtime import default_threads
+    from detkd.ultralytics_internals import fixed_batch, prediction_backend, quiet_ultralytics, runtime_threads
 
-    if frames < 1 or min(batches) < 1:
-        raise DetkdError(f"--frames and --batch must be at least 1 (got {frames}, {batches})")
+    if frames < 1 or min(batches) < 1 or (threads is not None and threads < 1):
+        raise DetkdError(f"--frames, --batch and --threads must be at least 1 (got {frames}, {batches}, {threads})")
     path = Path(model)
     yolo = load_yolo_checkpoint(path)
     image, _ = render_scene(0, "val", 0, SynthConfig(imgsz=imgsz))
-    with quiet_ultralytics():
+    with quiet_ultralytics(), runtime_threads(yolo, path, threads):
         params = gflops = None
         if path.suffix == ".pt":
             _, n_params, _, flops = yolo.info(verbose=True, imgsz=imgsz)  # verbose: else it returns nothing
@@ -116,7 +125,7 @@ def measure_speed(
         images_per_s=None if images_per_s is None else round(float(images_per_s), 1),
         throughput_note=note,
         predict_p50_ms=round(float(np.percentile(predict, 50)), 3),
-        torch_threads=torch.get_num_threads(),
+        threads=threads or default_threads(),
     )
 
 

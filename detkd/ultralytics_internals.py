@@ -29,7 +29,7 @@ import ultralytics
 from torch import nn
 
 from detkd import safe_load
-from detkd.runtime import cpu_threads
+from detkd.runtime import default_threads
 from detkd.utils import atomic_write
 
 SUPPORTED_RANGE = ">=8.4.0,<8.5"  # the pin in pyproject.toml
@@ -97,7 +97,7 @@ def ultralytics_offline() -> None:
     _install_fonts(uu.USER_CONFIG_DIR)
     # OMP_NUM_THREADS (set by detkd's runtime to every core unless given) wins, so that runs side by side can share
     # the cores (detkd benchmark --parallel)
-    threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_threads())
+    threads = default_threads()
     torch.set_num_threads(threads)
     tu.NUM_THREADS = threads
     _load_checkpoints_safely()
@@ -529,6 +529,60 @@ def prediction_backend(yolo, image, imgsz: int, device=None) -> tuple[nn.Module,
     yolo.predict(image, imgsz=imgsz, device=device, verbose=False)
     predictor = yolo.predictor
     return predictor.model, predictor.preprocess([image])
+
+
+# Options of the ONNX Runtime sessions detkd runs frame by frame: its intra-op workers sleep between calls instead of
+# spin-waiting (ONNX Runtime's default), which holds a core the frame loop needs for decoding, NMS, tracking, drawing.
+ORT_SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+TORCH_FORMATS = ("pt", "torchscript")  # AutoBackend formats whose model call runs on torch's own threads
+
+
+@contextlib.contextmanager
+def runtime_threads(yolo, model: str | os.PathLike, threads: int | None = None):
+    """Inside the block, predictions of ``yolo`` (loaded from ``model``) use ``threads`` threads (None: detkd's
+    default, :func:`detkd.runtime.default_threads`) in ONE thread pool: the model's runtime. Torch's intra-op threads
+    are restored at the end.
+
+    Measured on 2 cores (README, "Deploying a student"): detkd gives torch every core (for training), and an export's
+    pre- and post-processing (letterbox to tensor, /255, NMS: torch ops on one frame) then ran on torch's OpenMP pool
+    while ONNX Runtime's pool spun between calls, two pools on the same cores: preprocess took 45 ms instead of 0.2.
+
+    - PyTorch model or TorchScript export: torch's intra-op threads = ``threads`` (they run the model call).
+    - Another export: torch's = 1 (per-frame work on one small image, faster serially than waking a pool), and for ONNX
+      Runtime on CPU the session is rebuilt from the same file with ``intra_op_num_threads = threads`` and
+      :data:`ORT_SESSION_CONFIG`: ``AutoBackend`` builds ``InferenceSession(weight, None, providers)`` and passes no
+      session options through (``ONNXBackend``'s ``session_options`` argument is not given by ``AutoBackend``), so
+      its ``backend.session`` is replaced. Other runtimes (OpenVINO, TensorRT) keep their own pools.
+
+    Applied by an ``on_predict_start`` callback (public API): after the predictor's set-up, whose ``select_device``
+    sets torch's threads to ``torch_utils.NUM_THREADS`` on CPU, and before its warm-up and first frame."""
+    threads = threads or default_threads()
+    previous = torch.get_num_threads()
+    configured = []  # the AutoBackend set up, once
+
+    def configure(predictor) -> None:
+        backend = predictor.model
+        if configured and configured[0] is backend:
+            return
+        configured[:] = [backend]
+        torch.set_num_threads(threads if backend.format in TORCH_FORMATS else 1)
+        session = getattr(backend.backend, "session", None)
+        if backend.format == "onnx" and session is not None and session.get_providers() == ["CPUExecutionProvider"]:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            for key, value in ORT_SESSION_CONFIG.items():
+                options.add_session_config_entry(key, value)
+            providers = session.get_providers()
+            backend.backend.session = onnxruntime.InferenceSession(str(model), options, providers=providers)
+
+    yolo.add_callback("on_predict_start", configure)
+    try:
+        yield
+    finally:
+        yolo.callbacks["on_predict_start"].remove(configure)
+        torch.set_num_threads(previous)
 
 
 def fixed_batch(backend) -> int | None:

@@ -40,6 +40,7 @@ import numpy as np
 
 from detkd.data.yolo import IMG_FORMATS
 from detkd.errors import DetkdError, first_line
+from detkd.runtime import default_threads
 from detkd.utils import save_json
 
 LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
@@ -278,6 +279,7 @@ class VideoSummary:
     processed: int
     latency_ms: dict[str, list[float]]  # per stage, one value per processed frame
     wall_s: float
+    threads: int  # of the model's runtime
     interrupted: bool = False
 
     @property
@@ -314,6 +316,7 @@ class VideoSummary:
             "latency_ms": self.stage_table(),
             "wall_s": round(self.wall_s, 3),
             "fps": round(self.fps, 2),
+            "threads": self.threads,
             "interrupted": self.interrupted,
         }
 
@@ -330,7 +333,10 @@ class VideoSummary:
         if table:
             lines.append(f"{'stage':<12}{'p50 ms':>9}{'p95 ms':>9}")
             lines += [f"{stage:<12}{v['p50']:>9.2f}{v['p95']:>9.2f}" for stage, v in table.items()]
-        lines.append(f"throughput: {self.fps:.1f} frames/s ({self.processed} frames in {self.wall_s:.2f} s)")
+        lines.append(
+            f"throughput: {self.fps:.1f} frames/s ({self.processed} frames in {self.wall_s:.2f} s, "
+            f"{self.threads} runtime threads)"
+        )
         return "\n".join(lines)
 
 
@@ -370,17 +376,22 @@ def run_video(
     vid_stride: int = 1,
     device: str | None = None,
     live: bool | None = None,
+    threads: int | None = None,
 ) -> VideoSummary:
     """Detect (``track``: and track, with ``"bytetrack"`` or ``"botsort"``) on every ``vid_stride``-th frame of
     ``source``; write the annotated MP4 ``out`` and the JSONL ``jsonl`` (at least one) as frames come; return the
     summary, also saved as :func:`summary_path`. ``conf`` None: Ultralytics' default (0.25; 0.1 when tracking, so
-    that the tracker sees low-score detections). Ctrl-C ends the stream with its outputs complete."""
+    that the tracker sees low-score detections). ``threads``: the model runtime's threads (None: every core, or
+    ``OMP_NUM_THREADS``), in one pool (:func:`detkd.ultralytics_internals.runtime_threads`). Ctrl-C ends the stream
+    with its outputs complete."""
     from detkd.adapters.torchvision import is_torchvision_teacher
     from detkd.evaluation import load_yolo_checkpoint
-    from detkd.ultralytics_internals import progress_bar, quiet_ultralytics
+    from detkd.ultralytics_internals import progress_bar, quiet_ultralytics, runtime_threads
 
     if out is None and jsonl is None:
         raise DetkdError("give --out (annotated MP4) and/or --jsonl (detections per frame)")
+    if threads is not None and threads < 1:
+        raise DetkdError(f"--threads must be at least 1 (got {threads})")
     if track is not None and track not in TRACKERS:
         raise DetkdError(f"unknown tracker {track!r}: choose from {', '.join(TRACKERS)}")
     if Path(model).suffix == ".pt" and Path(model).is_file() and is_torchvision_teacher(model):
@@ -406,7 +417,7 @@ def run_video(
     bar = progress_bar(total=expected, desc=Path(stream.name).name or stream.name, unit="frame")
     start = time.perf_counter()
     try:
-        with _HeldInterrupts() as interrupts, quiet_ultralytics():
+        with _HeldInterrupts() as interrupts, quiet_ultralytics(), runtime_threads(yolo, model, threads):
             if jsonl is not None:
                 Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
                 lines = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115 (closed in finally, also on Ctrl-C)
@@ -456,6 +467,7 @@ def run_video(
         processed=processed,
         latency_ms=latency,
         wall_s=time.perf_counter() - start,
+        threads=threads or default_threads(),
         interrupted=interrupted,
     )
     save_json(summary.to_json(), summary_path(out, jsonl))

@@ -39,7 +39,7 @@ def test_deploy_report_exports_checks_times_and_runs_the_video(models, synth_dat
     footage, _, _ = write_footage(tmp_path / "clip.mp4", FRAMES, SIZE, fps=10, seed=0)
     proc = _run(
         tmp_path, student, teacher, "--data", synth_data, "--footage", footage, "--imgsz", SIZE, "--out", "rep",
-        "--formats", "onnx", "--frames", 5,
+        "--formats", "onnx", "--frames", 5, "--threads", 1,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "rep" / "deploy.json").read_text())
@@ -64,6 +64,7 @@ def test_deploy_report_exports_checks_times_and_runs_the_video(models, synth_dat
         assert (tmp_path / summary["outputs"]["video"]).is_file() and (tmp_path / summary["outputs"]["jsonl"]).is_file()
         speed = models_[video["role"], video["label"]]["speed"]
         assert video["model_call_rate_b1"] == pytest.approx(1e3 / speed["latency_p50_ms"])
+        assert speed["threads"] == summary["threads"] == 1  # like with like
         assert video["ratio_to_model_call_b1"] == pytest.approx(video["fps"] / video["model_call_rate_b1"])
         assert video["within"] == (video["ratio_to_model_call_b1"] >= 0.8)
         stages = video["stage_mean_ms"]

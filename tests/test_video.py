@@ -73,7 +73,9 @@ def test_synth_video_writes_footage_with_matching_ground_truth(run_detkd, tmp_pa
 
 
 def test_video_writes_every_frame_to_mp4_and_jsonl(run_detkd, footage, model, tmp_path):
-    proc = run_detkd("video", footage, "--model", model, "--out", "a.mp4", "--jsonl", "a.jsonl", "--imgsz", SIZE)
+    proc = run_detkd(
+        "video", footage, "--model", model, "--out", "a.mp4", "--jsonl", "a.jsonl", "--imgsz", SIZE, "--threads", 1
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _frame_count(tmp_path / "a.mp4") == FRAMES
     lines = _jsonl(tmp_path / "a.jsonl")
@@ -85,6 +87,7 @@ def test_video_writes_every_frame_to_mp4_and_jsonl(run_detkd, footage, model, tm
         "read": FRAMES, "processed": FRAMES, "skipped_by_stride": 0, "dropped_stale": 0, "unreadable": 0
     }  # fmt: skip
     assert set(summary["latency_ms"]) == {"decode", "preprocess", "inference", "postprocess", "draw_write"}
+    assert summary["threads"] == 1
     assert "inference" in proc.stdout and "frames/s" in proc.stdout
 
 
