@@ -65,6 +65,8 @@ def test_deploy_report_exports_checks_times_and_runs_the_video(models, synth_dat
         speed = models_[video["role"], video["label"]]["speed"]
         assert video["model_call_rate_b1"] == pytest.approx(1e3 / speed["latency_p50_ms"])
         assert speed["threads"] == summary["threads"] == 1  # like with like
+        assert video["fps"] == pytest.approx(summary["steady_fps"], rel=1e-3)  # after the first frame's set-up
+        assert summary["steady_fps"] > summary["fps"]  # the set-up (model, runtime session, tracker) is left out
         assert video["ratio_to_model_call_b1"] == pytest.approx(video["fps"] / video["model_call_rate_b1"])
         assert video["within"] == (video["ratio_to_model_call_b1"] >= 0.8)
         stages = video["stage_mean_ms"]
@@ -73,7 +75,7 @@ def test_deploy_report_exports_checks_times_and_runs_the_video(models, synth_dat
     md = (tmp_path / "rep" / "deploy.md").read_text()
     assert "## Exports and parity" in md and "| student | ONNX fp16 | student_fp16.onnx |" in md
     assert md.index("| teacher PyTorch |") < md.index("| student PyTorch |")  # the speed table: teacher first
-    assert "× the model call's batch-1 rate" in md and "| tracking |" in md and "| **frame (wall)** |" in md
+    assert "× the model call's batch-1 rate" in md and "| tracking |" in md and "| **frame (wall, after the first)** |" in md
 
 
 def test_deploy_report_bad_input_is_one_line(models, synth_data, tmp_path):
