@@ -2,9 +2,10 @@
 
 A source is a folder (its images, recursively), a glob (``footage/*.mp4``, ``shots/**/*.jpg``), an image file or a
 video file, or a list of those. Images are decoded once, as the data check decodes them; an unreadable one is
-reported by name and skipped. A video is read with ``cv2.VideoCapture`` and one frame in ``every`` is a candidate;
-a candidate that is a near-duplicate of the last frame taken is skipped (a parked camera films the same street for
-minutes: those frames teach nothing new and would outweigh the rest). Near-duplicate means: the mean absolute
+reported by name and skipped. A video is read by :func:`detkd.data.stream.open_source` (frames that do not decode
+are counted and named) and one frame in ``every`` is a candidate; a candidate that is a near-duplicate of the last
+frame taken is skipped (a parked camera films the same street for minutes: those frames teach nothing new and would
+outweigh the rest). Near-duplicate means: the mean absolute
 difference of the two frames' 32×32 grayscale thumbnails (area-averaged, so sensor noise averages out) is below
 ``dedupe`` gray levels (of 255); ``dedupe: 0`` keeps every candidate. Images from folders are the user's choice and are
 never skipped as duplicates.
@@ -19,11 +20,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from detkd.data.check import image_problem
+from detkd.data.stream import open_source
 from detkd.data.yolo import IMG_FORMATS
 from detkd.errors import DetkdError
 from detkd.utils import save_json
@@ -175,40 +178,38 @@ def extract_video(video: Path, cache: Path, every: int = 1, dedupe: float = DEDU
         if saved.get("key") == key and all(Path(f).is_file() for f in saved["part"]["files"]):
             return SourceFrames(**saved["part"])
     part = SourceFrames(str(video), "video")
-    capture = cv2.VideoCapture(str(video))
     try:
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
-        last = None
-        from detkd.ultralytics_internals import progress_bar
+        stream = open_source(video, stride=every)
+    except DetkdError:  # not a video OpenCV opens
+        part.unreadable.append(str(video))
+        return part
+    from detkd.ultralytics_internals import progress_bar
 
-        bar = progress_bar(total=total or None, desc=f"frames of {video.name}")
-        index = -1
-        while capture.isOpened():
-            ok, frame = capture.read()
-            if not ok:
-                break
-            index += 1
-            part.read += 1
+    bar = progress_bar(total=math.ceil(stream.total / every) if stream.total else None, desc=f"frames of {video.name}")
+    last = None
+    try:
+        for frame in stream:
             bar.update(1)
-            if index % every:
-                continue
             thumb = cv2.resize(
-                cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA
+                cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY), (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA
             )
             if last is not None and dedupe > 0 and cv2.absdiff(thumb, last).mean() < dedupe:
                 part.duplicates += 1
                 continue
             last = thumb
-            path = folder / f"{video.stem}_{index:07d}.jpg"
+            path = folder / f"{video.stem}_{frame.index:07d}.jpg"
             folder.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(path), frame, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            if not cv2.imwrite(str(path), frame.image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
                 raise DetkdError(f"{path}: cannot write the frame (is the cache folder writable?)")
             part.files.append(str(path))
-        bar.close()
     finally:
-        capture.release()
+        bar.close()
+        stream.close()
+    part.read = stream.counts.read
     if part.read == 0:
         part.unreadable.append(str(video))
+    else:  # frames that did not decode, named (the first ones)
+        part.unreadable += [f"{video}: frame {index}" for index in stream.counts.examples]
     part.taken = len(part.files)
     if part.files:
         save_json({"key": key, "part": asdict(part)}, manifest)
