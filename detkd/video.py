@@ -1,32 +1,37 @@
 """Detection, and tracking, on a video stream: a file, a folder of frames, a camera or a network stream.
 
-Frames come from :func:`detkd.data.stream.open_source` (one at a time; undecodable frames counted and skipped;
-live sources drop stale frames instead of queueing them, so the output stays current and memory stays flat).
+A pipeline of three threads, so that a frame's decoding and writing overlap the model's work on its neighbours
+instead of adding to it (the stream runs at the rate of its slowest stage, not of their sum):
 
-Each frame goes through Ultralytics' predictor (``YOLO.predict``, or ``YOLO.track`` with its ByteTrack/BoT-SORT
-trackers and ``persist=True``), which times its preprocess, inference and postprocess stages; the tracker's update
-is timed by two predictor callbacks around it. Outputs are written as frames come:
+1. reading: :func:`detkd.data.stream.open_source` decodes frames ahead of the model (a few at most; undecodable
+   frames counted and skipped); a live source keeps only its newest frame, dropping stale ones instead of queueing
+   them, so the output stays current and memory stays flat;
+2. the model, in the calling thread: Ultralytics' predictor (``YOLO.predict``, or ``YOLO.track`` with its
+   ByteTrack/BoT-SORT trackers and ``persist=True``), which times its preprocess, inference and postprocess stages;
+   the tracker's update is timed by two predictor callbacks around it. Tracking stays here: its state is the
+   predictor's, and each frame's update needs the previous one's;
+3. writing (:class:`_Outputs`): an annotated MP4 (OpenCV ``mp4v``: boxes, class, score, track id, drawn by
+   Ultralytics' ``Results.plot``) and a JSONL file, one line per processed frame (``frame`` index in the source,
+   ``time`` in seconds, ``boxes`` xyxy in pixels, ``scores``, ``classes``, ``track_ids`` when tracking), flushed
+   line by line.
 
-- an annotated MP4 (OpenCV ``mp4v``: boxes, class, score, track id, drawn by Ultralytics' ``Results.plot``);
-- a JSONL file, one line per processed frame (``frame`` index in the source, ``time`` in seconds, ``boxes`` xyxy in
-  pixels, ``scores``, ``classes``, ``track_ids`` when tracking), flushed line by line.
-
-A frame's MP4 frame and JSONL line are written together: Ctrl-C (KeyboardInterrupt) is held back while they are
-written and acted on after, and the video writer is released in ``finally``, so an interrupted run leaves a playable
-MP4 and a JSONL with one complete line per frame in it. These two files are the stream's record so far, written in
-place (not atomically, which would lose them on interruption); the summary (frame counts, latency per stage, frames
-per second) is printed and saved atomically as ``<output stem>.summary.json``.
+The writing thread owns both files and writes a frame's MP4 frame and JSONL line together; Ctrl-C reaches only the
+main thread (Python delivers signals there), which stops taking frames and lets the writer finish the frames already
+through the model, then close the files: an interrupted run leaves a playable MP4 and a JSONL with one complete line
+per frame in it. These two files are the stream's record so far, written in place (not atomically, which would lose
+them on interruption); the summary (frame counts, latency per stage, frames per second) is printed and saved
+atomically as ``<output stem>.summary.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
+import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,42 +44,17 @@ from detkd.runtime import default_threads
 from detkd.utils import save_json
 
 TRACKERS = ("bytetrack", "botsort")  # Ultralytics' built-in tracker configs (<name>.yaml)
-STAGES = ("decode", "preprocess", "inference", "postprocess", "tracking", "draw_write")
+# each stage and the thread it runs in: the model thread's stages add up to a frame, the others overlap them
+STAGES = {
+    "decode": "reader",
+    "preprocess": "model",
+    "inference": "model",
+    "postprocess": "model",
+    "tracking": "model",
+    "draw_write": "writer",
+}
 _DEFAULT_FPS = 30.0  # the output video's rate when the source does not tell (a folder of frames, some streams)
-
-
-class _HeldInterrupts:
-    """Ctrl-C held back inside :meth:`held` and raised at its end, so that a frame's outputs are written together.
-    Only in the main thread (where Python delivers signals); elsewhere it does nothing."""
-
-    def __init__(self):
-        self._holding = self._pending = False
-
-    def __enter__(self):
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _on_interrupt(self, signum, frame):
-        if self._holding:
-            self._pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def held(self):
-        self._holding = True
-        try:
-            yield
-        finally:
-            self._holding = False
-        if self._pending:
-            raise KeyboardInterrupt
+_AHEAD = 4  # frames decoded ahead of the model, and frames through the model waiting to be written, at most
 
 
 @dataclass
@@ -150,8 +130,8 @@ class VideoSummary:
             lines.append(f"unreadable: {', '.join(map(str, c.examples))}{more}")
         table = self.stage_table()
         if table:
-            lines.append(f"{'stage':<12}{'p50 ms':>9}{'p95 ms':>9}")
-            lines += [f"{stage:<12}{v['p50']:>9.2f}{v['p95']:>9.2f}" for stage, v in table.items()]
+            lines.append(f"{'stage':<12}{'thread':<8}{'p50 ms':>9}{'p95 ms':>9}")
+            lines += [f"{stage:<12}{STAGES[stage]:<8}{v['p50']:>9.2f}{v['p95']:>9.2f}" for stage, v in table.items()]
         steady = "" if self.steady_fps is None else f"{self.steady_fps:.1f} frames/s after the first frame; "
         first = "" if self.first_frame_s is None else f", the first with set-up {self.first_frame_s:.2f} s"
         lines.append(
@@ -231,56 +211,44 @@ def run_video(
     yolo.add_callback("on_predict_postprocess_end", lambda predictor: marks.__setitem__("tracker", time.perf_counter()))
     yolo.add_callback("on_predict_batch_end", lambda predictor: marks.__setitem__("tracked", time.perf_counter()))
 
-    stream = open_source(source, stride=vid_stride, live=live)
+    stream = open_source(source, stride=vid_stride, live=live, read_ahead=_AHEAD)
     latency: dict[str, list[float]] = {stage: [] for stage in STAGES if track or stage != "tracking"}
-    writer, lines, processed, interrupted, first_frame_s = None, None, 0, False, None
     expected = math.ceil(stream.total / vid_stride) if stream.total else None
     bar = progress_bar(total=expected, desc=Path(stream.name).name or stream.name, unit="frame")
-    start = time.perf_counter()
+    start, first_frame_s, processed, interrupted = time.perf_counter(), None, 0, False
+
+    def written(stage_ms: dict[str, float]) -> None:  # in the writing thread, once a frame's outputs are out
+        nonlocal first_frame_s, processed
+        processed += 1
+        if first_frame_s is None:
+            first_frame_s = time.perf_counter() - start
+        for stage, ms in stage_ms.items():
+            latency[stage].append(ms)
+        bar.update(1)
+
     try:
-        with _HeldInterrupts() as interrupts, quiet_ultralytics(), runtime_threads(yolo, model, threads):
-            if jsonl is not None:
-                Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
-                lines = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115 (closed in finally, also on Ctrl-C)
-            for frame in stream:
-                try:
-                    (result,) = call(frame.image, **settings)
-                except Exception as e:  # a model that does not run on these frames (input size, device, format)
-                    raise DetkdError(f"{model}: inference failed on frame {frame.index}: {first_line(e)}") from e
-                draw_start = time.perf_counter()
-                annotated = result.plot() if out is not None else None
-                if out is not None and writer is None:
-                    writer = _open_writer(out, annotated.shape, (stream.fps or _DEFAULT_FPS) / vid_stride)
-                record = _record(frame, result, tracked=track is not None)
-                with interrupts.held():
-                    if writer is not None:
-                        height, width = writer.size
-                        if annotated.shape[:2] != (height, width):  # VideoWriter drops frames of another size
-                            annotated = cv2.resize(annotated, (width, height))
-                        writer.video.write(annotated)
-                    if lines is not None:
-                        lines.write(json.dumps(record) + "\n")
-                        lines.flush()
-                    processed += 1
-                done = time.perf_counter()
-                if first_frame_s is None:
-                    first_frame_s = done - start
-                latency["decode"].append(frame.decode_ms)
-                for stage in ("preprocess", "inference", "postprocess"):
-                    latency[stage].append(result.speed[stage])
-                if track:
-                    latency["tracking"].append((marks["tracked"] - marks["tracker"]) * 1e3)
-                latency["draw_write"].append((done - draw_start) * 1e3)
-                bar.update(1)
+        outputs = _Outputs(out, jsonl, (stream.fps or _DEFAULT_FPS) / vid_stride, tracked=track is not None)
+        with quiet_ultralytics(), runtime_threads(yolo, model, threads):
+            try:
+                for frame in stream:
+                    try:
+                        (result,) = call(frame.image, **settings)
+                    except Exception as e:  # a model that does not run on these frames (input size, device, format)
+                        raise DetkdError(f"{model}: inference failed on frame {frame.index}: {first_line(e)}") from e
+                    stage_ms = {"decode": frame.decode_ms}
+                    stage_ms.update(
+                        (stage, result.speed[stage]) for stage in ("preprocess", "inference", "postprocess")
+                    )
+                    if track:
+                        stage_ms["tracking"] = (marks["tracked"] - marks["tracker"]) * 1e3
+                    outputs.put(frame, result, stage_ms, written)
+            finally:
+                outputs.close()  # the frames already through the model are written before the files close
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
         stream.close()
-        if writer is not None:
-            writer.video.release()
-        if lines is not None:
-            lines.close()
     summary = VideoSummary(
         source=stream.name,
         model=str(model),
@@ -298,20 +266,93 @@ def run_video(
     return summary
 
 
-@dataclass
-class _Writer:
-    video: cv2.VideoWriter
-    size: tuple[int, int]  # height, width
+class _Outputs:
+    """The annotated MP4 (``out``) and the JSONL (``jsonl``), either may be None, written in a thread of their own.
 
+    At most :data:`_AHEAD` frames wait (memory stays bounded: a slow disk slows the stream instead of filling
+    memory). An error in the thread (a full disk, a path OpenCV cannot write) is raised in the caller's thread at its
+    next :meth:`put` or at :meth:`close`."""
 
-def _open_writer(out, shape, fps: float) -> _Writer:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    height, width = shape[:2]
-    video = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not video.isOpened():
-        raise DetkdError(f"{out}: OpenCV cannot write an mp4v video there (give a path ending in .mp4)")
-    return _Writer(video, (height, width))
+    def __init__(self, out, jsonl, fps: float, tracked: bool):
+        self._out, self._fps, self._tracked = out, fps, tracked
+        self._video: cv2.VideoWriter | None = None
+        self._size: tuple[int, int] | None = None  # height, width of the MP4
+        self._lines = None
+        if jsonl is not None:
+            Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+            self._lines = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115 (closed by the thread, also on Ctrl-C)
+        self._queue: queue.Queue = queue.Queue(maxsize=_AHEAD)
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="detkd-video-writer")  # not a daemon: files close
+        self._thread.start()
+
+    def put(self, frame: Frame, result, stage_ms: dict[str, float], written: Callable[[dict], None]) -> None:
+        while True:
+            self._raise_error()
+            try:
+                return self._queue.put((frame, result, stage_ms, written), timeout=0.1)
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Write what is queued, close the files, and raise the thread's error if it had one."""
+        self._closing = True
+        self._thread.join()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            if isinstance(self._error, DetkdError):
+                raise self._error
+            raise DetkdError(f"writing {self._out or self._lines.name}: {first_line(self._error)}") from self._error
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    if self._closing:
+                        return
+                    continue
+                self._write(*item)
+        except Exception as e:
+            self._error = e
+        finally:
+            if self._video is not None:
+                self._video.release()
+            if self._lines is not None:
+                self._lines.close()
+
+    def _write(self, frame: Frame, result, stage_ms: dict[str, float], written: Callable[[dict], None]) -> None:
+        start = time.perf_counter()
+        if self._out is not None:
+            annotated = result.plot()
+            if self._video is None:
+                self._open_video(annotated.shape)
+            height, width = self._size
+            if annotated.shape[:2] != (height, width):  # VideoWriter drops frames of another size
+                annotated = cv2.resize(annotated, (width, height))
+            self._video.write(annotated)
+        if self._lines is not None:
+            self._lines.write(json.dumps(_record(frame, result, self._tracked)) + "\n")
+            self._lines.flush()
+        written({**stage_ms, "draw_write": (time.perf_counter() - start) * 1e3})
+
+    def _open_video(self, shape) -> None:
+        out = Path(self._out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        height, width = shape[:2]
+        level = cv2.utils.logging.getLogLevel()  # OpenCV's own warning on failure would precede the line below
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        try:
+            self._video = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), self._fps, (width, height))
+        finally:
+            cv2.utils.logging.setLogLevel(level)
+        if not self._video.isOpened():
+            raise DetkdError(f"{out}: OpenCV cannot write an mp4v video there (give a path ending in .mp4)")
+        self._size = (height, width)
 
 
 def _record(frame: Frame, result, tracked: bool) -> dict:

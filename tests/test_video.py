@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -276,3 +277,37 @@ def test_trained_detector_keeps_one_id_per_crossing_vehicle(tracker, tmp_path):
                 ids.append(best[1])
         assert len(ids) >= 0.75 * len(whole) >= 6, (tracker, path[0], len(ids), len(whole))
         assert None not in ids and len(set(ids)) == 1, (tracker, path[0], ids)  # one confirmed id, no switch
+
+
+def test_read_ahead_gives_every_frame_in_order_and_stops_early(footage, tmp_path):
+    """Reading ahead in a thread changes when frames are decoded, not which: the same frames, in order, with the same
+    counts as reading in the consumer's thread (a stride included); stopping part-way ends the thread."""
+    from detkd.data.stream import open_source
+
+    def frames(read_ahead: int, stop_after: int | None = None):
+        source = open_source(footage, stride=2, read_ahead=read_ahead)
+        taken = []
+        for frame in source:
+            taken.append((frame.index, frame.image.tobytes()))
+            if len(taken) == stop_after:
+                break
+        source.close()
+        return taken, source.counts
+
+    inline, counts = frames(0)
+    ahead, ahead_counts = frames(2)
+    assert [i for i, _ in inline] == list(range(0, FRAMES, 2)) and ahead == inline
+    assert (ahead_counts.read, ahead_counts.skipped, ahead_counts.dropped) == (counts.read, counts.skipped, 0)
+    before = {t.name for t in threading.enumerate()}
+    part, _ = frames(2, stop_after=3)
+    assert [i for i, _ in part] == [0, 2, 4]
+    assert "detkd-video-reader" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_error_while_writing_is_one_line(run_detkd, footage, model, tmp_path):
+    """The MP4 is written in a thread of its own: its failure still ends the run with one line naming the file."""
+    proc = run_detkd("video", footage, "--model", model, "--out", "video.txt", "--imgsz", SIZE)
+    assert proc.returncode == 2
+    *progress, error = proc.stderr.strip().splitlines()
+    assert error.startswith("detkd: error: video.txt: ") and "mp4" in error
+    assert all(f"{footage.name}: " in line for line in progress if line.strip())  # the progress bar, nothing else

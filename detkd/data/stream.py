@@ -5,8 +5,10 @@ video decoders do quietly is counted instead: a frame that fails to decode is sk
 damaged stretch of a file, the frames a truncated file lists but no longer holds, an image of a folder that does
 not load), and each frame's decode time is measured. A live source (camera, RTSP/HTTP URL) is read in a thread that
 keeps only the newest frame: when the consumer is slower than the camera, stale frames are dropped (and counted),
-not queued. The one reader of videos in detkd: ``detkd video`` (:mod:`detkd.video`) and the unlabeled frames of a
-recipe or of ``detkd pseudo-label`` (:mod:`detkd.data.frames`).
+not queued. A file or folder can be read ahead in a thread (``read_ahead`` frames at most), so that decoding
+overlaps the consumer's work instead of adding to it; nothing is dropped there. The one reader of videos in
+detkd: ``detkd video`` (:mod:`detkd.video`) and the unlabeled frames of a recipe or of ``detkd pseudo-label``
+(:mod:`detkd.data.frames`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +43,8 @@ class Frame:
 
 @dataclass
 class SourceCounts:
-    """What a source gave; ``read`` = processed + ``skipped`` + ``dropped`` (+ one frame in hand when interrupted)."""
+    """What a source gave; ``read`` = processed + ``skipped`` + ``dropped`` (+ the frames in hand or read ahead when
+    interrupted)."""
 
     read: int = 0  # frames taken from the source
     skipped: int = 0  # by --vid-stride (taken but not decoded)
@@ -71,11 +75,14 @@ class FrameSource:
             close()
 
 
-def open_source(source: str | os.PathLike | int, stride: int = 1, live: bool | None = None) -> FrameSource:
+def open_source(
+    source: str | os.PathLike | int, stride: int = 1, live: bool | None = None, read_ahead: int = 0
+) -> FrameSource:
     """Open a video file, a folder of frames (sorted by name), a camera index or an RTSP/HTTP URL.
 
     ``stride``: process every ``stride``-th frame (the others are grabbed without decoding). ``live``: read in a
-    thread keeping only the newest frame; by default for cameras and URLs."""
+    thread keeping only the newest frame; by default for cameras and URLs. ``read_ahead``: a file or folder (not
+    live) is read in a thread up to this many frames ahead of the consumer (0: read in the consumer's thread)."""
     if stride < 1:
         raise DetkdError(f"--vid-stride must be at least 1 (got {stride})")
     spec = str(source)
@@ -94,8 +101,8 @@ def open_source(source: str | os.PathLike | int, stride: int = 1, live: bool | N
         files = sorted((f for f in path.iterdir() if f.suffix[1:].lower() in IMG_FORMATS), key=lambda f: f.name)
         if not files:
             raise DetkdError(f"{path}: no images in the folder ({', '.join(sorted(IMG_FORMATS)[:6])}, ...)")
-        frames = _folder_frames(files, stride, counts)
-        return FrameSource(str(path), frames, counts, fps=None, total=len(files), live=False)
+        source = FrameSource(str(path), _folder_frames(files, stride, counts), counts, None, len(files), False)
+        return _in_thread(source, read_ahead) if read_ahead else source
     if not path.exists():
         raise DetkdError(f"{path}: no such video file or folder (a camera is a number, a stream a URL)")
     cap = cv2.VideoCapture(str(path))
@@ -104,21 +111,26 @@ def open_source(source: str | os.PathLike | int, stride: int = 1, live: bool | N
             f"{path}: cannot be opened as a video (not a format OpenCV reads, or damaged: an MP4 cut short loses "
             "the index at its end)"
         )
-    return _capture_source(str(path), cap, stride, counts, live=bool(live))
+    return _capture_source(str(path), cap, stride, counts, live=bool(live), read_ahead=read_ahead)
 
 
-def _capture_source(name: str, cap, stride: int, counts: SourceCounts, live: bool) -> FrameSource:
+def _capture_source(name: str, cap, stride: int, counts: SourceCounts, live: bool, read_ahead=0) -> FrameSource:
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if math.isfinite(fps) and 0 < fps < 1000 else None
     listed = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     listed = listed if listed > 0 and not live else None
     frames = _capture_frames(cap, stride, counts, fps, listed, clock=time.perf_counter() if live else None)
     source = FrameSource(name, frames, counts, fps, listed, live)
-    if live:
-        newest = _NewestFrame(frames, counts)
-        source._frames = iter(newest)
-        source._close.append(newest.stop)
-    source._close.append(cap.release)
+    if live or read_ahead:
+        source = _in_thread(source, depth=1 if live else read_ahead)
+    source._close.append(cap.release)  # after the reader thread has stopped
+    return source
+
+
+def _in_thread(source: FrameSource, depth: int) -> FrameSource:
+    reader = _ReaderThread(source._frames, source.counts, depth, drop_stale=source.live)
+    source._frames = iter(reader)
+    source._close.append(reader.stop)
     return source
 
 
@@ -169,46 +181,58 @@ def _folder_frames(files: list[Path], stride: int, counts: SourceCounts) -> Iter
         yield Frame(index, image, None, (time.perf_counter() - start) * 1e3)
 
 
-class _NewestFrame:
-    """Reads frames in a thread and hands over only the newest: a frame replaced before it was taken is dropped."""
+class _ReaderThread:
+    """Reads frames in a thread into a buffer of ``depth`` frames. ``drop_stale`` (a live source): a full buffer
+    gives up its oldest frame for the new one, counted dropped; otherwise the reader waits for room, so a file's
+    frames all come, in order, while the consumer works on the previous ones."""
 
-    def __init__(self, frames: Iterator[Frame], counts: SourceCounts):
-        self._frames, self._counts = frames, counts
-        self._slot: Frame | None = None
+    def __init__(self, frames: Iterator[Frame], counts: SourceCounts, depth: int, drop_stale: bool):
+        self._frames, self._counts, self._depth, self._drop_stale = frames, counts, depth, drop_stale
+        self._buffer: deque[Frame] = deque()
         self._ended = self._stopped = False
-        self._ready = threading.Condition()
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, name="detkd-video-reader", daemon=True)
 
     def _read(self) -> None:
         try:
             for frame in self._frames:
-                with self._ready:
+                with self._changed:
+                    if not self._drop_stale:
+                        self._changed.wait_for(lambda: len(self._buffer) < self._depth or self._stopped)
                     if self._stopped:
                         return
-                    if self._slot is not None:
+                    if len(self._buffer) >= self._depth:
+                        self._buffer.popleft()
                         self._counts.dropped += 1
-                    self._slot = frame
-                    self._ready.notify()
+                    self._buffer.append(frame)
+                    self._changed.notify_all()
+        except Exception as e:  # handed to the consumer, which raises it where it reads
+            self._error = e
         finally:
-            with self._ready:
+            with self._changed:
                 self._ended = True
-                self._ready.notify()
+                self._changed.notify_all()
 
     def __iter__(self) -> Iterator[Frame]:
         self._thread.start()
         while True:
-            with self._ready:
-                self._ready.wait_for(lambda: self._slot is not None or self._ended)
-                frame, self._slot = self._slot, None
+            with self._changed:
+                self._changed.wait_for(lambda: self._buffer or self._ended)
+                frame = self._buffer.popleft() if self._buffer else None
+                self._changed.notify_all()
             if frame is None:
+                if self._error is not None:
+                    raise self._error
                 return
             yield frame
 
     def stop(self) -> None:
-        with self._ready:
+        with self._changed:
             self._stopped = True
-            if self._slot is not None:  # read, never processed
-                self._counts.dropped += 1
-                self._slot = None
+            if self._drop_stale:  # read, never processed
+                self._counts.dropped += len(self._buffer)
+            self._buffer.clear()
+            self._changed.notify_all()
         if self._thread.ident is not None:  # started
             self._thread.join(timeout=5)
