@@ -180,6 +180,9 @@ def test_summarise_over_seeds_against_baseline_and_teacher():
     assert alone["map_per_epoch"] == pytest.approx([0.2, 0.3])
     assert cwd["metrics"]["AP"]["std"] is None and cwd["time_ratio"] == pytest.approx(2.0)
     assert cwd["gap_closed"] == pytest.approx(-0.1)
+    # paired by seed where both ran; gain/σ in the baseline's seed standard deviations (0.02), from 2 seeds on
+    assert kd["paired_gains_AP"] == pytest.approx({0: 0.06, 1: 0.06}) and kd["gain_sigma"] == pytest.approx(2.5)
+    assert cwd["paired_gains_AP"] == pytest.approx({0: 0.01}) and cwd["gain_sigma"] is None
 
 
 def test_without_baseline_or_teacher_the_relative_columns_are_empty():
@@ -221,10 +224,13 @@ def test_report_written_from_fake_results(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "`python tools/benchmark.py --profile fake`" in md and "2 CPUs, 2 torch threads, AMD EPYC" in md
     assert "teacher yolov8s.yaml (60 epochs): AP 0.4200; baseline (alone): AP 0.3200 ± 0.0200" in md
-    kd_row = next(line for line in md.splitlines() if line.startswith("| kd "))
-    cells = [c.strip() for c in kd_row.strip("|").split("|")]
-    assert cells[1] == "0.3700 ± 0.0141" and cells[6] == "n/a" and cells[7:] == ["2", "50.0 %", "1.50×", "1200"]
-    assert "| cwd | 0.3100 ± — |" in md and "runs/fgd_s0" in md
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())}
+    assert rows["kd"][1] == "0.3700 ± 0.0141" and rows["kd"][6] == "n/a"
+    assert rows["kd"][7:] == ["2", "+0.0500 (+0.0600, +0.0600)", "2.5", "50.0 %", "1.50×", "1200"]
+    # cwd: below the baseline's mean, above its seed 0; one seed, so no σ claim
+    assert rows["cwd"][1] == "0.3100 ± —" and rows["cwd"][7:10] == ["1", "-0.0100 (+0.0100)", "—"]
+    assert rows["alone"][8:11] == ["—", "0.0", "0.0 %"]
+    assert "runs/fgd_s0" in md
     for png in ("map_vs_epoch.png", "gains.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

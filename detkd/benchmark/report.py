@@ -31,9 +31,11 @@ def gap_closed(ap: float, alone_ap: float, teacher_ap: float) -> float | None:
 
 
 def summarise(runs: list[dict], order: list[str], baseline: str | None, teacher_ap: float | None) -> list[dict]:
-    """Per method with runs (in ``order``): COCO metrics as mean ± std over seeds, AP gain over the baseline, the
-    fraction of the teacher–student gap closed, seconds per epoch as a ratio to the baseline's, peak memory (the
-    largest over seeds) and the mean mAP curve."""
+    """Per method with runs (in ``order``): COCO metrics as mean ± std over seeds, AP gain over the baseline (of the
+    means, and paired: seed by seed where both ran), the gain in standard deviations of the baseline's AP over seeds
+    (with 2 seeds or more of each: how far outside the baseline's seed noise it lies), the fraction of the
+    teacher–student gap closed, seconds per epoch as a ratio to the baseline's, peak memory (the largest over seeds)
+    and the mean mAP curve."""
     rows = [_summarise_method(name, [r for r in runs if r["method"] == name]) for name in order]
     rows = [r for r in rows if r is not None]
     base = next((r for r in rows if r["method"] == baseline), None)
@@ -41,6 +43,10 @@ def summarise(runs: list[dict], order: list[str], baseline: str | None, teacher_
         ap, tpe = row["metrics"]["AP"]["mean"], row["time_per_epoch_s"]
         base_ap, base_tpe = (base["metrics"]["AP"]["mean"], base["time_per_epoch_s"]) if base else (None, None)
         row["gain_AP"] = None if base_ap is None else ap - base_ap
+        base_std = base and base["metrics"]["AP"]["std"]
+        row["gain_sigma"] = row["gain_AP"] / base_std if base_std and len(row["seeds"]) > 1 else None
+        paired = sorted(set(row["ap_by_seed"]) & set(base["ap_by_seed"])) if base else []
+        row["paired_gains_AP"] = {seed: row["ap_by_seed"][seed] - base["ap_by_seed"][seed] for seed in paired}
         row["gap_closed"] = None if None in (base_ap, teacher_ap) else gap_closed(ap, base_ap, teacher_ap)
         row["time_ratio"] = tpe / base_tpe if tpe and base_tpe else None
     return rows
@@ -56,6 +62,7 @@ def _summarise_method(name: str, runs: list[dict]) -> dict | None:
     return {
         "method": name,
         "seeds": sorted(r["seed"] for r in runs),
+        "ap_by_seed": {r["seed"]: r["metrics"]["AP"] for r in sorted(runs, key=lambda r: r["seed"])},
         "metrics": {k: mean_std([r["metrics"][k] for r in runs]) for k in COCO_METRICS},
         "time_per_epoch_s": statistics.fmean(times) if times else None,
         "peak_memory_mb": max(memory, default=None),
@@ -146,8 +153,9 @@ def format_markdown(report: dict) -> str:
         + (_pm(base["metrics"]["AP"]) if base else "—"),
         *_trained_on(report["methods"]),
         "",
-        "| method | AP | AP50 | AP75 | APs | APm | APl | seeds | gap closed | time/epoch | peak mem (MB) |",
-        "|---|" + "---|" * 10,
+        "| method | AP | AP50 | AP75 | APs | APm | APl | seeds | AP gain (per seed) | gain/σ | gap closed "
+        "| time/epoch | peak mem (MB) |",
+        "|---|" + "---|" * 12,
     ]
     for r in report["methods"]:
         gap = r["gap_closed"] and 100 * r["gap_closed"]
@@ -155,6 +163,8 @@ def format_markdown(report: dict) -> str:
             r["method"],
             *(_pm(r["metrics"][k]) for k in TABLE_METRICS),
             str(len(r["seeds"])),
+            _gains(r, report["baseline"]),
+            _cell(r["gain_sigma"], ".1f"),
             _cell(gap, ".1f", " %"),
             _cell(r["time_ratio"], ".2f", "×"),
             _cell(r["peak_memory_mb"], ".0f"),
@@ -162,13 +172,22 @@ def format_markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "COCO metrics as mean ± std over seeds (— for one seed). Gap closed: (AP − AP_alone) / (AP_teacher − "
+        "COCO metrics as mean ± std over seeds (— for one seed). AP gain: the method's mean AP minus the "
+        "baseline's, then (in brackets) seed by seed where both ran. Gain/σ: the gain over the standard deviation of "
+        "the baseline's AP over its seeds (2 or more seeds of each). Gap closed: (AP − AP_alone) / (AP_teacher − "
         "AP_alone). Time/epoch: wall time per epoch (training and validation) over the baseline's. Peak memory: "
         f"{memory} of the training process (data-loading workers not included), the largest over seeds.",
     ]
     if report["failed"]:
         lines += ["", "Failed runs (see bench.log in each): " + ", ".join(report["failed"])]
     return "\n".join(lines) + "\n"
+
+
+def _gains(row: dict, baseline: str) -> str:
+    if row["gain_AP"] is None or row["method"] == baseline:
+        return "—"
+    paired = ", ".join(f"{g:+.4f}" for g in row["paired_gains_AP"].values())
+    return f"{row['gain_AP']:+.4f}" + (f" ({paired})" if paired else "")
 
 
 def _trained_on(methods: list[dict]) -> list[str]:
