@@ -228,8 +228,8 @@ def run_video(
 
     try:
         outputs = _Outputs(out, jsonl, (stream.fps or _DEFAULT_FPS) / vid_stride, tracked=track is not None)
-        with quiet_ultralytics(), runtime_threads(yolo, model, threads):
-            try:
+        try:
+            with quiet_ultralytics(), runtime_threads(yolo, model, threads):
                 for frame in stream:
                     try:
                         (result,) = call(frame.image, **settings)
@@ -242,8 +242,8 @@ def run_video(
                     if track:
                         stage_ms["tracking"] = (marks["tracked"] - marks["tracker"]) * 1e3
                     outputs.put(frame, result, stage_ms, written)
-            finally:
-                outputs.close()  # the frames already through the model are written before the files close
+        finally:
+            outputs.close()  # the frames already through the model are written before the files close
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -296,10 +296,18 @@ class _Outputs:
                 continue
 
     def close(self) -> None:
-        """Write what is queued, close the files, and raise the thread's error if it had one."""
-        self._closing = True
-        self._thread.join()
+        """Write what is queued (a few frames: a Ctrl-C meanwhile is held until they are out, so that the files are
+        complete), close the files, and raise the thread's error if it had one."""
+        self._closing, interrupted = True, False
+        while True:
+            try:
+                self._thread.join()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
         self._raise_error()
+        if interrupted:
+            raise KeyboardInterrupt
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -312,8 +320,8 @@ class _Outputs:
             while True:
                 try:
                     item = self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    if self._closing:
+                except queue.Empty:  # done once closed and drained (closing is set after the last put), or orphaned
+                    if (self._closing or not threading.main_thread().is_alive()) and self._queue.empty():
                         return
                     continue
                 self._write(*item)
@@ -327,6 +335,7 @@ class _Outputs:
 
     def _write(self, frame: Frame, result, stage_ms: dict[str, float], written: Callable[[dict], None]) -> None:
         start = time.perf_counter()
+        record = _record(frame, result, self._tracked) if self._lines is not None else None  # fails before a write
         if self._out is not None:
             annotated = result.plot()
             if self._video is None:
@@ -336,7 +345,7 @@ class _Outputs:
                 annotated = cv2.resize(annotated, (width, height))
             self._video.write(annotated)
         if self._lines is not None:
-            self._lines.write(json.dumps(_record(frame, result, self._tracked)) + "\n")
+            self._lines.write(json.dumps(record) + "\n")
             self._lines.flush()
         written({**stage_ms, "draw_write": (time.perf_counter() - start) * 1e3})
 

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,9 +121,9 @@ def _capture_source(name: str, cap, stride: int, counts: SourceCounts, live: boo
     listed = listed if listed > 0 and not live else None
     frames = _capture_frames(cap, stride, counts, fps, listed, clock=time.perf_counter() if live else None)
     source = FrameSource(name, frames, counts, fps, listed, live)
-    if live or read_ahead:
-        source = _in_thread(source, depth=1 if live else read_ahead)
-    source._close.append(cap.release)  # after the reader thread has stopped
+    if live or read_ahead:  # the reader thread releases the capture when it ends (it may be inside a read)
+        return _in_thread(source, depth=1 if live else read_ahead)
+    source._close.append(cap.release)
     return source
 
 
@@ -137,7 +137,15 @@ def _in_thread(source: FrameSource, depth: int) -> FrameSource:
 def _capture_frames(cap, stride, counts, fps, listed, clock) -> Iterator[Frame]:
     """Frames of an OpenCV capture. A failed read is retried (decoders recover at the next key frame) and, when a
     frame follows, counted unreadable; :data:`GIVE_UP_AFTER` failures in a row end the stream. A file's container
-    lists its frames: those it lists but that never decoded are unreadable too (a truncated file)."""
+    lists its frames: those it lists but that never decoded are unreadable too (a truncated file). The capture is
+    released when the frames end or the generator is closed."""
+    try:
+        yield from _capture_reads(cap, stride, counts, fps, listed, clock)
+    finally:
+        cap.release()
+
+
+def _capture_reads(cap, stride, counts, fps, listed, clock) -> Iterator[Frame]:
     index, failures = -1, 0
     while True:
         index += 1
@@ -186,7 +194,7 @@ class _ReaderThread:
     gives up its oldest frame for the new one, counted dropped; otherwise the reader waits for room, so a file's
     frames all come, in order, while the consumer works on the previous ones."""
 
-    def __init__(self, frames: Iterator[Frame], counts: SourceCounts, depth: int, drop_stale: bool):
+    def __init__(self, frames: Generator[Frame, None, None], counts: SourceCounts, depth: int, drop_stale: bool):
         self._frames, self._counts, self._depth, self._drop_stale = frames, counts, depth, drop_stale
         self._buffer: deque[Frame] = deque()
         self._ended = self._stopped = False
@@ -210,6 +218,7 @@ class _ReaderThread:
         except Exception as e:  # handed to the consumer, which raises it where it reads
             self._error = e
         finally:
+            self._frames.close()  # here, not in the consumer's thread: a capture is released between reads
             with self._changed:
                 self._ended = True
                 self._changed.notify_all()
@@ -234,5 +243,7 @@ class _ReaderThread:
                 self._counts.dropped += len(self._buffer)
             self._buffer.clear()
             self._changed.notify_all()
-        if self._thread.ident is not None:  # started
+        if self._thread.ident is None:  # never started: nothing reads
+            self._frames.close()
+        else:  # a reader inside a slow read (a stalled network stream) is left to end, and release, on its own
             self._thread.join(timeout=5)
