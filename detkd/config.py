@@ -34,6 +34,7 @@ NON_NEGATIVE = {"minimum": 0.0}
 POSITIVE = {"exclusive_minimum": 0.0}
 AT_LEAST_ONE = {"minimum": 1}
 PROBABILITY = {"exclusive_minimum": 0.0, "maximum": 1.0}
+INIT_FROM_TEACHER = "teacher"  # init.source naming the recipe's teacher (in a chain, each stage's own)
 
 
 @dataclass
@@ -143,7 +144,9 @@ class DistillConfig:
 class InitConfig:
     """Where the student's weights start: transferred from ``source`` (see :mod:`detkd.transfer`)."""
 
-    source: str | None = None  # classification or detection checkpoint
+    # classification or detection checkpoint, or "teacher": the recipe's teacher (weight selection from a larger model
+    # of the student's family)
+    source: str | None = None
     kind: Literal["auto", "classifier", "detector", "larger"] = "auto"
     # transferred tensors stay fixed (BN statistics included) for this many epochs
     freeze_epochs: int = field(default=0, metadata=NON_NEGATIVE)
@@ -210,6 +213,11 @@ class Recipe:
                     "set 'unlabeled.pseudo' (the teacher's confident detections become their labels) or use "
                     "locations teacher/all without a gate"
                 )
+
+    @property
+    def init_checkpoint(self) -> str | None:
+        """The checkpoint the student's weights start from: ``init.source``, the teacher's for ``teacher``."""
+        return self.teacher if self.init.source == INIT_FROM_TEACHER else self.init.source
 
     @property
     def distills(self) -> bool:

@@ -361,7 +361,7 @@ def measure_recipe(
     if recipe.init.source:
         from detkd.transfer import load_model, transfer_weights
 
-        transfer_weights(load_model(recipe.init.source), student, recipe.init.kind)
+        transfer_weights(load_model(recipe.init_checkpoint), student, recipe.init.kind)
     student = student.to(dev).train()
     student.args = cfg  # Ultralytics' criterion reads its loss gains (box, cls, dfl) from here
     student_view = UltralyticsAdapter(student)

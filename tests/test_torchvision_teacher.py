@@ -137,6 +137,13 @@ def test_bad_torchvision_inputs_fail_with_one_line(tmp_path, monkeypatch):
         save_torchvision_teacher(tmp_path / "t.pt", "fasterrcnn_resnet50_fpn", "COCO_V9")
     assert not (tmp_path / "t.pt").exists()
 
+    # a two-stage teacher has no weights for a YOLO student to start from
+    from detkd.engine import distill
+
+    init_from_teacher = r"needs a YOLO teacher of the student's family; \S+frcnn.pt is not an Ultralytics checkpoint"
+    with pytest.raises(DetkdError, match=init_from_teacher):
+        distill("frcnn", teacher=str(_checkpoint(tmp_path)), init={"source": "teacher"}, data=str(tmp_path / "d.yaml"))
+
     # a checkpoint whose weights were edited after writing: refused when loaded, naming the file
     path = _checkpoint(tmp_path)
     checkpoint = torch.load(path, weights_only=True)

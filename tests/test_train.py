@@ -144,6 +144,24 @@ def test_missing_teacher_or_bad_data_is_a_one_line_error(synth_data, tmp_path):
         distill("recommended", teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
 
 
+def test_init_from_the_teacher_selects_its_weights_without_distilling(synth_data, teacher_checkpoint, tmp_path):
+    """``init.source: teacher`` starts the student from weight selection of the recipe's own teacher; with no
+    distillation term the teacher gives only its weights: no teacher is built, no term is logged."""
+    from detkd.engine import distill
+
+    train = {**TRAIN, "epochs": 1, "project": str(tmp_path), "name": "sel"}
+    init = {"source": "teacher", "kind": "larger"}
+    best = distill(None, teacher=str(teacher_checkpoint), init=init, data=str(synth_data), **train)
+    run = best.parent.parent
+    report = json.loads((run / "transfer.json").read_text())
+    assert report["kind"] == "larger" and report["fraction_from_source"] > 0.9  # yolov8s → yolov8n: all selected
+    assert load_recipe(run / "distill.yaml").init.source == "teacher"  # saved as given: a resume resolves it again
+    header = (run / "results.csv").read_text().splitlines()[0]
+    assert "kd_" not in header
+    with pytest.raises(DetkdError, match="'init.source: teacher' starts the student from the teacher's weights"):
+        distill(None, init=init, data=str(synth_data), **train)
+
+
 def test_killed_run_resumes_from_last_checkpoint(synth_data, teacher_checkpoint, tmp_path):
     from detkd.engine import resume
 

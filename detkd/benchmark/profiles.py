@@ -27,6 +27,7 @@ import yaml
 from detkd.config import (
     AT_LEAST_ONE,
     CONFIGS_DIR,
+    INIT_FROM_TEACHER,
     POSITIVE,
     PROBABILITY,
     PseudoConfig,
@@ -38,7 +39,9 @@ from detkd.config import (
 from detkd.errors import DetkdError
 
 PROFILES_DIR = CONFIGS_DIR / "benchmarks"
-TEACHER_PLACEHOLDER = "teacher"  # ``init: {source: teacher}`` transfers from the benchmark's teacher
+# ``init: {source: teacher}`` transfers from the benchmark's teacher: resolved here, since a method that only
+# transfers has no teacher in its recipe
+TEACHER_PLACEHOLDER = INIT_FROM_TEACHER
 UNLABELED_PLACEHOLDER = "unlabeled"  # ``unlabeled: {source: unlabeled}``: the benchmark's unlabeled images
 PSEUDO_CONF = PseudoConfig().conf  # a teacher detection scoring this or more is a pseudo-label (as in recipes)
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # method names become folder names

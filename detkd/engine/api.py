@@ -8,7 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from detkd.config import RECIPE_KEYS, Recipe, check_training_keys, load_recipe
+from detkd.config import INIT_FROM_TEACHER, RECIPE_KEYS, Recipe, check_training_keys, load_recipe
 from detkd.errors import DetkdError
 
 
@@ -32,8 +32,10 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
         raise DetkdError("recipe: 'teacher' is not set (give teacher=path/to/teacher.pt)")
     if recipe.teacher_weights and not recipe.teacher:
         raise DetkdError("recipe: 'teacher_weights' is set without a 'teacher' (give teacher=torchvision:ARCH)")
-    if recipe.teacher and not recipe.distills:
+    if recipe.teacher and not recipe.distills and recipe.init.source != INIT_FROM_TEACHER:
         raise DetkdError("recipe: a teacher is set but 'distill' has no loss with a weight > 0")
+    if recipe.init.source == INIT_FROM_TEACHER and not recipe.teacher:
+        raise DetkdError("recipe: 'init.source: teacher' starts the student from the teacher's weights: set 'teacher'")
     if recipe.unlabeled and not recipe.teacher:
         raise DetkdError("recipe: unlabeled images learn only from a teacher: set 'teacher' and 'distill' terms")
     if not recipe.teacher and not recipe.init.source:
@@ -44,6 +46,7 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
         return _distill_chain(recipe)
 
     from detkd.adapters import check_teacher
+    from detkd.adapters.ultralytics import is_ultralytics_checkpoint
     from detkd.data import check_dataset
     from detkd.engine.trainer import trainer_for
     from detkd.evaluation import load_yolo_checkpoint
@@ -51,8 +54,13 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
 
     if recipe.teacher:
         check_teacher(recipe.teacher, recipe.teacher_weights)  # a bad teacher fails here, before any model is built
-    if recipe.init.source and not Path(recipe.init.source).is_file():
-        raise DetkdError(f"{recipe.init.source}: init.source checkpoint not found (detkd never downloads weights)")
+    if recipe.init.source and not Path(recipe.init_checkpoint).is_file():
+        raise DetkdError(f"{recipe.init_checkpoint}: init.source checkpoint not found (detkd never downloads weights)")
+    if recipe.init.source == INIT_FROM_TEACHER and not is_ultralytics_checkpoint(recipe.teacher):
+        raise DetkdError(
+            f"recipe: 'init.source: teacher' selects the student's weights from the teacher's, which needs a YOLO "
+            f"teacher of the student's family; {recipe.teacher} is not an Ultralytics checkpoint"
+        )
     check_dataset(recipe.data).raise_if_errors()
     frames = None
     if recipe.unlabeled:  # unreadable files are named and skipped; videos are sampled into their cache here

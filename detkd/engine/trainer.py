@@ -88,8 +88,9 @@ class DetkdTrainer(DetectionTrainer):
         if init.source and not self.resume:
             from detkd.transfer import load_model, transfer_weights
 
-            report = transfer_weights(load_model(init.source), model, init.kind)
-            LOGGER.info(f"detkd: transfer from {init.source}\n{report.format()}")
+            source = self.recipe.init_checkpoint
+            report = transfer_weights(load_model(source), model, init.kind)
+            LOGGER.info(f"detkd: transfer from {source}\n{report.format()}")
             save_json(report.to_json(), report_file)  # a resumed run reads it back
         if init.source and report_file.exists():  # a resumed run finds what was transferred where it left it
             self.transferred = frozenset(json.loads(report_file.read_text())["transferred"])
@@ -119,7 +120,7 @@ class DetkdTrainer(DetectionTrainer):
         """The optimizer of the student and the distiller's connectors. The teacher and the distiller are built here:
         the first hook of Ultralytics' set-up that sees the student on its device, on the process that trains."""
         trainable, student = model, unwrap_model(model)  # under DDP, ``model`` is the wrapper around the student
-        if self.recipe.teacher:
+        if self.recipe.teacher and self.recipe.distills:  # a teacher may only give the weights (init.source)
             self.teacher = create_teacher(self.recipe.teacher, self.device, self.recipe.teacher_weights)
             adapter, names = UltralyticsAdapter(student), dict(self.data["names"])
             self.distiller = Distiller(self.recipe.distill, adapter, self.teacher, names).to(self.device)
