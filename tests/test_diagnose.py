@@ -119,6 +119,15 @@ def test_a_weight_within_the_slack_is_accepted():
     assert _severities(judge(m), "balance") == ["ok", "ok"]
 
 
+def test_a_teacher_whose_weights_the_student_could_start_from_is_advice_not_a_fault():
+    m = _measurements()
+    m["selectable_from_teacher"] = 0.97
+    findings = judge(m)
+    assert _severities(findings, "init") == ["info"] and "warn" not in {f.severity for f in findings}
+    assert "97% of the student's weights" in next(f.message for f in findings if f.topic == "init")
+    assert "init.source=teacher" in next(f.message for f in findings if f.topic == "init")
+
+
 def test_no_class_overlap_is_an_error_and_partial_overlap_a_warning():
     none = judge(_measurements(classes={"paired": [], "unpaired": ["car", "bus"]}))
     assert _severities(none, "classes") == ["error"]
@@ -143,6 +152,8 @@ def test_untrained_teacher_is_measured_and_named(untrained_diagnosis):
     assert 0.0 <= m["teacher"]["AP"] < 0.01 and m["teacher"]["images"] == 8
     assert _severities(untrained_diagnosis.findings, "teacher") == ["error"]
     assert untrained_diagnosis.verdict.startswith("distillation will not help")
+    # yolov8s → yolov8n: every student weight can be selected from the teacher's, and the advice says so
+    assert m["selectable_from_teacher"] > 0.9 and _severities(untrained_diagnosis.findings, "init") == ["info"]
 
 
 def test_terms_are_weighed_on_real_batches(untrained_diagnosis):
