@@ -227,7 +227,7 @@ def run_video(
         bar.update(1)
 
     try:
-        outputs = _Outputs(out, jsonl, (stream.fps or _DEFAULT_FPS) / vid_stride, tracked=track is not None)
+        outputs = _Outputs(out, jsonl, (stream.fps or _DEFAULT_FPS) / vid_stride, track is not None, written)
         try:
             with quiet_ultralytics(), runtime_threads(yolo, model, threads):
                 for frame in stream:
@@ -241,7 +241,7 @@ def run_video(
                     )
                     if track:
                         stage_ms["tracking"] = (marks["tracked"] - marks["tracker"]) * 1e3
-                    outputs.put(frame, result, stage_ms, written)
+                    outputs.put(frame, result, stage_ms)
         finally:
             outputs.close()  # the frames already through the model are written before the files close
     except KeyboardInterrupt:
@@ -270,11 +270,12 @@ class _Outputs:
     """The annotated MP4 (``out``) and the JSONL (``jsonl``), either may be None, written in a thread of their own.
 
     At most :data:`_AHEAD` frames wait (memory stays bounded: a slow disk slows the stream instead of filling
-    memory). An error in the thread (a full disk, a path OpenCV cannot write) is raised in the caller's thread at its
-    next :meth:`put` or at :meth:`close`."""
+    memory). ``written`` is called in the thread with a frame's stage times once its outputs are out. An error in the
+    thread (a full disk, a path OpenCV cannot write) is raised in the caller's thread at its next :meth:`put` or at
+    :meth:`close`."""
 
-    def __init__(self, out, jsonl, fps: float, tracked: bool):
-        self._out, self._fps, self._tracked = out, fps, tracked
+    def __init__(self, out, jsonl, fps: float, tracked: bool, written: Callable[[dict[str, float]], None]):
+        self._out, self._fps, self._tracked, self._written = out, fps, tracked, written
         self._video: cv2.VideoWriter | None = None
         self._size: tuple[int, int] | None = None  # height, width of the MP4
         self._lines = None
@@ -287,11 +288,11 @@ class _Outputs:
         self._thread = threading.Thread(target=self._run, name="detkd-video-writer")  # not a daemon: files close
         self._thread.start()
 
-    def put(self, frame: Frame, result, stage_ms: dict[str, float], written: Callable[[dict], None]) -> None:
+    def put(self, frame: Frame, result, stage_ms: dict[str, float]) -> None:
         while True:
             self._raise_error()
             try:
-                return self._queue.put((frame, result, stage_ms, written), timeout=0.1)
+                return self._queue.put((frame, result, stage_ms), timeout=0.1)
             except queue.Full:
                 continue
 
@@ -333,7 +334,7 @@ class _Outputs:
             if self._lines is not None:
                 self._lines.close()
 
-    def _write(self, frame: Frame, result, stage_ms: dict[str, float], written: Callable[[dict], None]) -> None:
+    def _write(self, frame: Frame, result, stage_ms: dict[str, float]) -> None:
         start = time.perf_counter()
         record = _record(frame, result, self._tracked) if self._lines is not None else None  # fails before a write
         if self._out is not None:
@@ -347,7 +348,7 @@ class _Outputs:
         if self._lines is not None:
             self._lines.write(json.dumps(record) + "\n")
             self._lines.flush()
-        written({**stage_ms, "draw_write": (time.perf_counter() - start) * 1e3})
+        self._written({**stage_ms, "draw_write": (time.perf_counter() - start) * 1e3})
 
     def _open_video(self, shape) -> None:
         out = Path(self._out)

@@ -144,10 +144,18 @@ def test_missing_teacher_or_bad_data_is_a_one_line_error(synth_data, tmp_path):
         distill("recommended", teacher=str(tmp_path / "nope.pt"), data=str(synth_data), **TRAIN)
 
 
-def test_init_from_the_teacher_selects_its_weights_without_distilling(synth_data, teacher_checkpoint, tmp_path):
+def test_init_from_the_teacher_selects_its_weights_without_distilling(
+    synth_data, teacher_checkpoint, tmp_path, monkeypatch
+):
     """``init.source: teacher`` starts the student from weight selection of the recipe's own teacher; with no
     distillation term the teacher gives only its weights: no teacher is built, no term is logged."""
+    import detkd.engine.trainer
     from detkd.engine import distill
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher that only gives weights must not be built")
+
+    monkeypatch.setattr(detkd.engine.trainer, "create_teacher", no_teacher)
 
     train = {**TRAIN, "epochs": 1, "project": str(tmp_path), "name": "sel"}
     init = {"source": "teacher", "kind": "larger"}

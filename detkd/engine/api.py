@@ -54,13 +54,14 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
 
     if recipe.teacher:
         check_teacher(recipe.teacher, recipe.teacher_weights)  # a bad teacher fails here, before any model is built
-    if recipe.init.source and not Path(recipe.init_checkpoint).is_file():
-        raise DetkdError(f"{recipe.init_checkpoint}: init.source checkpoint not found (detkd never downloads weights)")
-    if recipe.init.source == INIT_FROM_TEACHER and not is_ultralytics_checkpoint(recipe.teacher):
-        raise DetkdError(
-            f"recipe: 'init.source: teacher' selects the student's weights from the teacher's, which needs a YOLO "
-            f"teacher of the student's family; {recipe.teacher} is not an Ultralytics checkpoint"
-        )
+    if recipe.init.source == INIT_FROM_TEACHER:  # the teacher passed check_teacher: a file, or a named architecture
+        if not (Path(recipe.teacher).is_file() and is_ultralytics_checkpoint(recipe.teacher)):
+            raise DetkdError(
+                f"recipe: 'init.source: teacher' selects the student's weights from the teacher's, which needs a YOLO "
+                f"teacher of the student's family; {recipe.teacher} is not an Ultralytics checkpoint"
+            )
+    elif recipe.init.source and not Path(recipe.init.source).is_file():
+        raise DetkdError(f"{recipe.init.source}: init.source checkpoint not found (detkd never downloads weights)")
     check_dataset(recipe.data).raise_if_errors()
     frames = None
     if recipe.unlabeled:  # unreadable files are named and skipped; videos are sampled into their cache here
