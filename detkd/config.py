@@ -152,6 +152,14 @@ class InitConfig:
     freeze_epochs: int = field(default=0, metadata=NON_NEGATIVE)
     # learning-rate multiplier for transferred tensors once they train
     lr_mult: float = field(default=1.0, metadata=NON_NEGATIVE)
+    # with source "teacher": when the teacher cannot give the student weights (not a YOLO of the student's family), or
+    # the student is a checkpoint with weights of its own, train without the transfer (one line says why) instead of
+    # refusing; the recommended recipe's setting, so that it serves any teacher (see detkd.engine.api)
+    optional: bool = False
+
+    def validate(self, where: str, source: str) -> None:
+        if self.optional and self.source not in (None, INIT_FROM_TEACHER):
+            raise DetkdError(f"{source}: '{_join(where, 'optional')}' applies to 'source: {INIT_FROM_TEACHER}' only")
 
 
 @dataclass
@@ -227,9 +235,9 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The recipe as plain data; keys added later (``trust_checkpoints``, ``unlabeled``, ``teacher_weights``,
-        ``distill.second_stage``, ``distill.pseudo``, a feature term's ``from``) only when they differ from their
-        defaults, so that recipes saved before they existed (benchmark runs and their cache keys, ``distill.yaml``)
-        still compare equal."""
+        ``init.optional``, ``distill.second_stage``, ``distill.pseudo``, a feature term's ``from``) only when they
+        differ from their defaults, so that recipes saved before they existed (benchmark runs and their cache keys,
+        ``distill.yaml``) still compare equal."""
         out = _plain(self)
         for feature in out["distill"]["feature"]:
             if feature["from"] == "neck":
@@ -242,6 +250,10 @@ class Recipe:
             del out["unlabeled"]
         if self.teacher_weights is None:
             del out["teacher_weights"]
+        if self.init.source is None:  # no source, no transfer: `init.source: null` turns a recipe file's off
+            out["init"] = _plain(InitConfig())
+        if not out["init"]["optional"]:
+            del out["init"]["optional"]
         if self.distill.second_stage == SecondStageConfig():
             del out["distill"]["second_stage"]
         return out

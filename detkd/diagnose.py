@@ -119,7 +119,8 @@ def _judge_init(m: dict) -> list[Finding]:
             "init",
             f"the teacher is a larger model of the student's family: {selectable:.0%} of the student's weights can "
             "be selected from it (weight selection, detkd transfer). Start from them as well as distilling "
-            "(init.source=teacher): in detkd's benchmarks that was the largest gain, at 20 epochs and at "
+            "(init.source=teacher, as the recommended recipe does; over a student checkpoint's own weights: "
+            "init.optional=false): in detkd's benchmarks that was the largest gain, at 20 epochs and at "
             "convergence (README, Benchmarks).",
         )
     ]
@@ -356,11 +357,13 @@ def measure_recipe(
     from detkd.adapters.ultralytics import UltralyticsAdapter, load_ultralytics_model
     from detkd.data import check_dataset
     from detkd.distiller import Distiller, class_pairs
+    from detkd.engine.api import resolve_teacher
     from detkd.engine.criterion import MISSED, DistillationCriterion
     from detkd.evaluation import predict_checkpoint, predict_teacher
 
     if not recipe.teacher or not recipe.data:
         raise DetkdError("recipe: diagnose needs 'teacher' and 'data' (give teacher=T.pt data=DATA.yaml)")
+    recipe = resolve_teacher(recipe)  # as training will: an optional init the teacher cannot give is dropped
     check_dataset(recipe.data).raise_if_errors()
     cfg = get_cfg(overrides={k: v for k, v in recipe.train.items() if k not in ("model", "data")})
     from ultralytics.utils.torch_utils import select_device
@@ -379,9 +382,10 @@ def measure_recipe(
         student = load_ultralytics_model(recipe.student, role="student")
     from detkd.transfer import load_model, transfer_weights
 
-    selectable = None
+    selectable = transferred = None
     if recipe.init.source:
-        transfer_weights(load_model(recipe.init_checkpoint), student, recipe.init.kind)
+        transferred = transfer_weights(load_model(recipe.init_checkpoint), student, recipe.init.kind)
+        transferred = transferred.fraction_from_source
     elif not isinstance(teacher, TorchvisionAdapter):  # could it start from the teacher's weights?
         with contextlib.suppress(DetkdError):  # another family, or not larger: nothing to advise
             selectable = transfer_weights(teacher.model, copy.deepcopy(student), "larger").fraction_from_source
@@ -404,6 +408,7 @@ def measure_recipe(
         },
         "student": {"parameters": sum(p.numel() for p in student.parameters())},
         "selectable_from_teacher": selectable,  # the student's share of weights selectable from the teacher's
+        "transferred": transferred,  # the share the recipe's init.source gave the student (measured with it)
         "weights": {
             k: w
             for k, w in (

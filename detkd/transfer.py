@@ -478,6 +478,18 @@ def transfer_weights(source: nn.Module, student: nn.Module, kind: str = "auto") 
     return TransferReport(kind, _label(source), _label(student), rows, plan.unused(rows))
 
 
+def transfer_problem(source: str | os.PathLike, student: str | os.PathLike, kind: str = "auto") -> str | None:
+    """Why ``student`` (a config or checkpoint) cannot start from the checkpoint ``source`` by ``kind``, or None
+    when it can: :func:`transfer_weights` tried on a scratch copy of the student, so that a run learns it before
+    training, by the very rules training will apply."""
+    try:
+        model = load_model(source)
+        transfer_weights(model, _build_student(student, None, model, seed=0), kind)
+    except DetkdError as e:
+        return str(e)
+    return None
+
+
 # files
 
 

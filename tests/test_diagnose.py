@@ -152,8 +152,9 @@ def test_untrained_teacher_is_measured_and_named(untrained_diagnosis):
     assert 0.0 <= m["teacher"]["AP"] < 0.01 and m["teacher"]["images"] == 8
     assert _severities(untrained_diagnosis.findings, "teacher") == ["error"]
     assert untrained_diagnosis.verdict.startswith("distillation will not help")
-    # yolov8s → yolov8n: every student weight can be selected from the teacher's, and the advice says so
-    assert m["selectable_from_teacher"] > 0.9 and _severities(untrained_diagnosis.findings, "init") == ["info"]
+    # yolov8s → yolov8n: the recommended recipe starts the student from the teacher's weights, all of them selected
+    assert m["transferred"] > 0.9 and m["selectable_from_teacher"] is None
+    assert not _severities(untrained_diagnosis.findings, "init")
 
 
 def test_terms_are_weighed_on_real_batches(untrained_diagnosis):
@@ -175,10 +176,14 @@ def test_term_gradients_scale_with_their_weight(synth_data, teacher_checkpoint, 
 def test_a_teacher_with_none_of_the_students_classes(synth_data, tmp_path):
     teacher = save_model_checkpoint("yolov8n.yaml", {0: "apple", 1: "pear"}, tmp_path / "fruit.pt")
     overrides = {"teacher": str(teacher), "data": str(synth_data), "imgsz": 64, "batch": 8}
+    overrides["init"] = {"source": None}  # the recipe without its transfer: the advice says the student could have it
     diagnosis = diagnose_recipe(RECIPE, overrides, batches=1, images=4)
     assert _severities(diagnosis.findings, "classes") == ["error"]
     assert "class_map" in next(f.message for f in diagnosis.findings if f.topic == "classes")
     assert diagnosis.verdict.startswith("distillation will not help")
+    m = diagnosis.measurements  # yolov8n → yolov8n: all but the class convs (other classes) can be taken
+    assert m["transferred"] is None and 0.9 < m["selectable_from_teacher"] < 1.0
+    assert _severities(diagnosis.findings, "init") == ["info"]
 
 
 # finished runs

@@ -143,6 +143,12 @@ def test_bad_torchvision_inputs_fail_with_one_line(tmp_path, monkeypatch):
     init_from_teacher = r"needs a YOLO teacher of the student's family; \S+frcnn.pt is not an Ultralytics checkpoint"
     with pytest.raises(DetkdError, match=init_from_teacher):
         distill("frcnn", teacher=str(_checkpoint(tmp_path)), init={"source": "teacher"}, data=str(tmp_path / "d.yaml"))
+    # the recommended recipe's init is optional: a two-stage teacher distils without it
+    from detkd.config import InitConfig, load_recipe
+    from detkd.engine.api import resolve_teacher
+
+    recommended = load_recipe("recommended", {"teacher": str(_checkpoint(tmp_path))})
+    assert recommended.init.optional and resolve_teacher(recommended).init == InitConfig()
 
     # a checkpoint whose weights were edited after writing: refused when loaded, naming the file
     path = _checkpoint(tmp_path)

@@ -170,6 +170,36 @@ def test_init_from_the_teacher_selects_its_weights_without_distilling(
         distill(None, init=init, data=str(synth_data), **train)
 
 
+def test_the_recommended_init_falls_back_when_the_teacher_cannot_give_weights(
+    teacher_checkpoint, tmp_path, monkeypatch
+):
+    """The recommended recipe starts the student from its teacher's weights when it can (``init.optional``); a
+    teacher of another family, or a student checkpoint with weights of its own, trains without the transfer and one
+    line says why. The same init without ``optional`` refuses, with the same reason."""
+    from ultralytics.utils import LOGGER
+
+    from detkd.config import InitConfig
+    from detkd.engine.api import resolve_teacher
+
+    said = []
+    monkeypatch.setattr(LOGGER, "warning", said.append)
+    other_family = save_model_checkpoint("yolo11s.yaml", {0: "car"}, tmp_path / "yolo11s.pt")
+    student_ckpt = save_model_checkpoint("yolov8n.yaml", {0: "car"}, tmp_path / "yolov8n.pt")
+
+    def resolved(**overrides):
+        return resolve_teacher(load_recipe("recommended", {"data": "d.yaml", **overrides}))
+
+    assert resolved(teacher=str(teacher_checkpoint)).init == load_recipe("recommended").init and not said
+    assert resolved(teacher=str(other_family)).init == InitConfig()
+    assert resolved(teacher=str(teacher_checkpoint), student=str(student_ckpt)).init == InitConfig()
+    assert len(said) == 2 and all(line.count("\n") == 0 for line in said)
+    assert "not the student's model family" in said[0] and "yolo11s.pt" in said[0]
+    assert f"the student {student_ckpt} brings weights of its own, which are kept" in said[1]
+    with pytest.raises(DetkdError, match="needs a YOLO teacher of the student's family; .*not the student's model"):
+        resolved(teacher=str(other_family), init={"optional": False})
+    assert resolved(teacher=str(teacher_checkpoint), student=str(student_ckpt), init={"optional": False}).init.source
+
+
 def test_killed_run_resumes_from_last_checkpoint(synth_data, teacher_checkpoint, tmp_path):
     from detkd.engine import resume
 

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from detkd.config import INIT_FROM_TEACHER, RECIPE_KEYS, Recipe, check_training_keys, load_recipe
+from detkd.config import INIT_FROM_TEACHER, RECIPE_KEYS, InitConfig, Recipe, check_training_keys, load_recipe
 from detkd.errors import DetkdError
 
 
@@ -45,22 +45,13 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
             raise DetkdError("recipe: a 'chain' of teacher assistants needs a 'teacher' to start from")
         return _distill_chain(recipe)
 
-    from detkd.adapters import check_teacher
-    from detkd.adapters.ultralytics import is_ultralytics_checkpoint
     from detkd.data import check_dataset
     from detkd.engine.trainer import trainer_for
     from detkd.evaluation import load_yolo_checkpoint
     from detkd.safe_load import trust_checkpoints
 
-    if recipe.teacher:
-        check_teacher(recipe.teacher, recipe.teacher_weights)  # a bad teacher fails here, before any model is built
-    if recipe.init.source == INIT_FROM_TEACHER:  # the teacher passed check_teacher: a file, or a named architecture
-        if not (Path(recipe.teacher).is_file() and is_ultralytics_checkpoint(recipe.teacher)):
-            raise DetkdError(
-                f"recipe: 'init.source: teacher' selects the student's weights from the teacher's, which needs a YOLO "
-                f"teacher of the student's family; {recipe.teacher} is not an Ultralytics checkpoint"
-            )
-    elif recipe.init.source and not Path(recipe.init.source).is_file():
+    recipe = resolve_teacher(recipe)  # a bad teacher fails here, before any model is built
+    if recipe.init.source and recipe.init.source != INIT_FROM_TEACHER and not Path(recipe.init.source).is_file():
         raise DetkdError(f"{recipe.init.source}: init.source checkpoint not found (detkd never downloads weights)")
     check_dataset(recipe.data).raise_if_errors()
     frames = None
@@ -80,6 +71,47 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
     return Path(model.trainer.best)
 
 
+def resolve_teacher(recipe: Recipe) -> Recipe:
+    """The recipe with its teacher checked and ``init.source: teacher`` resolved (:func:`_init_from_teacher`), as
+    training will use it: also what :mod:`detkd.diagnose` measures."""
+    from detkd.adapters import check_teacher
+
+    if recipe.teacher:
+        check_teacher(recipe.teacher, recipe.teacher_weights)
+    return _init_from_teacher(recipe) if recipe.init.source == INIT_FROM_TEACHER else recipe
+
+
+def _init_from_teacher(recipe: Recipe) -> Recipe:
+    """``init.source: teacher`` selects the student's weights from the teacher's (:mod:`detkd.transfer`), which needs
+    a YOLO checkpoint of the student's family. When the teacher cannot give them, an ``optional`` init (the recommended
+    recipe's, so that it serves any teacher) is dropped with one line saying why, and the student starts as it would
+    without it; else the reason is the error. An optional init also leaves a student checkpoint's own weights alone:
+    they were given, and are not overwritten unasked."""
+    from ultralytics.utils import LOGGER
+
+    from detkd.adapters.ultralytics import is_ultralytics_checkpoint
+    from detkd.safe_load import trust_checkpoints
+    from detkd.transfer import transfer_problem
+
+    teacher, student, optional = recipe.teacher, recipe.student, recipe.init.optional
+    if not (Path(teacher).is_file() and is_ultralytics_checkpoint(teacher)):
+        reason = f"{teacher} is not an Ultralytics checkpoint"
+    elif optional and Path(student).suffix not in {".yaml", ".yml"}:
+        reason = f"the student {student} brings weights of its own, which are kept (init.optional=false replaces them)"
+    else:
+        with trust_checkpoints(recipe.trust_checkpoints):
+            reason = transfer_problem(teacher, student, recipe.init.kind)
+    if reason is None:
+        return recipe
+    if not optional:
+        raise DetkdError(
+            "recipe: 'init.source: teacher' selects the student's weights from the teacher's, which needs a YOLO "
+            f"teacher of the student's family; {reason}"
+        )
+    LOGGER.warning(f"detkd: the student starts without the teacher's weights (init.source: teacher): {reason}")
+    return replace(recipe, init=InitConfig())
+
+
 def _distill_chain(recipe: Recipe) -> Path:
     """Teacher assistants (Mirzadeh et al., "Improved Knowledge Distillation via Teacher Assistant", AAAI 2020): when
     the teacher is much larger than the student, models of intermediate size bridge the gap. Each model of
@@ -91,7 +123,8 @@ def _distill_chain(recipe: Recipe) -> Path:
     teacher, name = recipe.teacher, recipe.train.get("name") or "chain"
     for i, assistant in enumerate(recipe.chain, 1):
         train = {**recipe.train, "name": f"{name}_assistant{i}", "exist_ok": True}
-        stage = replace(recipe, chain=[], student=assistant, teacher=teacher, train=train)
+        # resolved first, as distill() will: the stage's saved recipe is the resolved one
+        stage = resolve_teacher(replace(recipe, chain=[], student=assistant, teacher=teacher, train=train))
         recipe = replace(recipe, teacher_weights=None)  # the next stages learn from an assistant's checkpoint
         run = get_save_dir(get_cfg(overrides={**train, "task": "detect", "mode": "train"}))
         state = _stage_state(run, stage)
