@@ -152,14 +152,10 @@ class InitConfig:
     freeze_epochs: int = field(default=0, metadata=NON_NEGATIVE)
     # learning-rate multiplier for transferred tensors once they train
     lr_mult: float = field(default=1.0, metadata=NON_NEGATIVE)
-    # with source "teacher": when the teacher cannot give the student weights (not a YOLO of the student's family), or
-    # the student is a checkpoint with weights of its own, train without the transfer (one line says why) instead of
+    # when the source cannot give the student weights (a teacher that is not a YOLO of the student's family), or the
+    # student is a checkpoint with weights of its own, train without the transfer (one line says why) instead of
     # refusing; the recommended recipe's setting, so that it serves any teacher (see detkd.engine.api)
     optional: bool = False
-
-    def validate(self, where: str, source: str) -> None:
-        if self.optional and self.source not in (None, INIT_FROM_TEACHER):
-            raise DetkdError(f"{source}: '{_join(where, 'optional')}' applies to 'source: {INIT_FROM_TEACHER}' only")
 
 
 @dataclass

@@ -310,8 +310,9 @@ def test_overrides_merge_deeply_into_a_recipe_object(synth_data, tmp_path):
     nope = str(tmp_path / "nope.pt")
     with pytest.raises(DetkdError, match="nope.pt: teacher checkpoint not found"):  # still distils: box weight 8
         distill(recommended, teacher=nope, data=str(synth_data), distill={"logit": {"weight": 0.0}})
+    no_terms = {"logit": {"weight": 0}, "box": {"weight": 0}}  # and no transfer: the teacher would have no use
     with pytest.raises(DetkdError, match="'distill' has no loss with a weight > 0"):
-        distill(recommended, teacher=nope, data=str(synth_data), distill={"logit": {"weight": 0}, "box": {"weight": 0}})
+        distill(recommended, teacher=nope, data=str(synth_data), distill=no_terms, init={"source": None})
 
 
 def test_resume_keeps_the_saved_recipe(tmp_path):

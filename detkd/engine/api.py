@@ -50,9 +50,7 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
     from detkd.evaluation import load_yolo_checkpoint
     from detkd.safe_load import trust_checkpoints
 
-    recipe = resolve_teacher(recipe)  # a bad teacher fails here, before any model is built
-    if recipe.init.source and recipe.init.source != INIT_FROM_TEACHER and not Path(recipe.init.source).is_file():
-        raise DetkdError(f"{recipe.init.source}: init.source checkpoint not found (detkd never downloads weights)")
+    recipe = resolve_teacher(recipe)  # a bad teacher or init source fails here, before any model is built
     check_dataset(recipe.data).raise_if_errors()
     frames = None
     if recipe.unlabeled:  # unreadable files are named and skipped; videos are sampled into their cache here
@@ -72,18 +70,19 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
 
 
 def resolve_teacher(recipe: Recipe) -> Recipe:
-    """The recipe with its teacher checked and ``init.source: teacher`` resolved (:func:`_init_from_teacher`), as
-    training will use it: also what :mod:`detkd.diagnose` measures."""
+    """The recipe with its teacher checked and its ``init`` resolved (:func:`_resolve_init`), as training will use
+    it: also what :mod:`detkd.diagnose` measures."""
     from detkd.adapters import check_teacher
 
     if recipe.teacher:
         check_teacher(recipe.teacher, recipe.teacher_weights)
-    return _init_from_teacher(recipe) if recipe.init.source == INIT_FROM_TEACHER else recipe
+    return _resolve_init(recipe)
 
 
-def _init_from_teacher(recipe: Recipe) -> Recipe:
-    """``init.source: teacher`` selects the student's weights from the teacher's (:mod:`detkd.transfer`), which needs
-    a YOLO checkpoint of the student's family. When the teacher cannot give them, an ``optional`` init (the recommended
+def _resolve_init(recipe: Recipe) -> Recipe:
+    """Check that ``init`` can give the student weights, before training: a dry run of the transfer
+    (:func:`detkd.transfer.transfer_problem`). ``init.source: teacher`` selects them from the teacher's, which needs a
+    YOLO checkpoint of the student's family. When the source cannot give them, an ``optional`` init (the recommended
     recipe's, so that it serves any teacher) is dropped with one line saying why, and the student starts as it would
     without it; else the reason is the error. An optional init also leaves a student checkpoint's own weights alone:
     they were given, and are not overwritten unasked."""
@@ -93,22 +92,29 @@ def _init_from_teacher(recipe: Recipe) -> Recipe:
     from detkd.safe_load import trust_checkpoints
     from detkd.transfer import transfer_problem
 
-    teacher, student, optional = recipe.teacher, recipe.student, recipe.init.optional
-    if not (Path(teacher).is_file() and is_ultralytics_checkpoint(teacher)):
-        reason = f"{teacher} is not an Ultralytics checkpoint"
+    source, student, optional = recipe.init_checkpoint, recipe.student, recipe.init.optional
+    from_teacher = recipe.init.source == INIT_FROM_TEACHER
+    if not source:
+        return recipe
+    if from_teacher and not (Path(source).is_file() and is_ultralytics_checkpoint(source)):
+        reason = f"{source} is not an Ultralytics checkpoint"
+    elif not Path(source).is_file():
+        reason = f"{source}: init.source checkpoint not found (detkd never downloads weights)"
     elif optional and Path(student).suffix not in {".yaml", ".yml"}:
         reason = f"the student {student} brings weights of its own, which are kept (init.optional=false replaces them)"
     else:
         with trust_checkpoints(recipe.trust_checkpoints):
-            reason = transfer_problem(teacher, student, recipe.init.kind)
+            reason = transfer_problem(source, student, recipe.init.kind)
     if reason is None:
         return recipe
     if not optional:
         raise DetkdError(
             "recipe: 'init.source: teacher' selects the student's weights from the teacher's, which needs a YOLO "
             f"teacher of the student's family; {reason}"
+            if from_teacher
+            else reason
         )
-    LOGGER.warning(f"detkd: the student starts without the teacher's weights (init.source: teacher): {reason}")
+    LOGGER.warning(f"detkd: the student starts without transferred weights (init.optional): {reason}")
     return replace(recipe, init=InitConfig())
 
 
