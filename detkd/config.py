@@ -233,7 +233,8 @@ class Recipe:
         """The recipe as plain data; keys added later (``trust_checkpoints``, ``unlabeled``, ``teacher_weights``,
         ``init.optional``, ``distill.second_stage``, ``distill.pseudo``, a feature term's ``from``) only when they
         differ from their defaults, so that recipes saved before they existed (benchmark runs and their cache keys,
-        ``distill.yaml``) still compare equal."""
+        ``distill.yaml``) still compare equal. An ``init`` without a source is written as the default one: its other
+        keys have nothing to act on."""
         out = _plain(self)
         for feature in out["distill"]["feature"]:
             if feature["from"] == "neck":

@@ -482,11 +482,15 @@ def transfer_problem(source: str | os.PathLike, student: str | os.PathLike, kind
     """Why ``student`` (a config or checkpoint) cannot start from the checkpoint ``source`` by ``kind``, or None
     when it can: :func:`transfer_weights` tried on a scratch copy of the student, so that a run learns it before
     training, by the very rules training will apply."""
+    from ultralytics.nn.modules.head import Classify
+
     try:
         model = load_model(source)
-        transfer_weights(model, _build_student(student, None, model, seed=0), kind)
+        # a classifier names no detection classes; their count does not decide what transfers (its head never does)
+        names = {0: "object"} if isinstance(_layers(model)[-1], Classify) else None
+        transfer_weights(model, _build_student(student, names, model, seed=0), kind)
     except DetkdError as e:
-        return str(e)
+        return " ".join(str(e).split())  # one line, whatever a wrapped exception's text held
     return None
 
 

@@ -140,7 +140,7 @@ def test_bad_torchvision_inputs_fail_with_one_line(tmp_path, monkeypatch):
     # a two-stage teacher has no weights for a YOLO student to start from
     from detkd.engine import distill
 
-    init_from_teacher = r"needs a YOLO teacher of the student's family; \S+frcnn.pt is not an Ultralytics checkpoint"
+    init_from_teacher = r"'init.source: teacher' cannot give the student weights: \S+frcnn.pt is not an Ultralytics"
     with pytest.raises(DetkdError, match=init_from_teacher):
         distill("frcnn", teacher=str(_checkpoint(tmp_path)), init={"source": "teacher"}, data=str(tmp_path / "d.yaml"))
     # the recommended recipe's init is optional: a two-stage teacher distils without it

@@ -170,8 +170,18 @@ def test_init_from_the_teacher_selects_its_weights_without_distilling(
         distill(None, init=init, data=str(synth_data), **train)
 
 
+def _classifier():
+    from detkd.ultralytics_internals import ultralytics_offline
+
+    ultralytics_offline()
+    from ultralytics.nn.tasks import ClassificationModel
+
+    torch.manual_seed(1)
+    return ClassificationModel("yolov8n-cls.yaml", nc=8, verbose=False)
+
+
 def test_the_recommended_init_falls_back_when_the_teacher_cannot_give_weights(
-    teacher_checkpoint, tmp_path, monkeypatch
+    synth_data, teacher_checkpoint, tmp_path, monkeypatch
 ):
     """The recommended recipe starts the student from its teacher's weights when it can (``init.optional``); a
     teacher of another family, or a student checkpoint with weights of its own, trains without the transfer and one
@@ -179,6 +189,7 @@ def test_the_recommended_init_falls_back_when_the_teacher_cannot_give_weights(
     from ultralytics.utils import LOGGER
 
     from detkd.config import InitConfig
+    from detkd.engine import distill
     from detkd.engine.api import resolve_teacher
 
     said = []
@@ -195,9 +206,21 @@ def test_the_recommended_init_falls_back_when_the_teacher_cannot_give_weights(
     assert len(said) == 2 and all(line.count("\n") == 0 for line in said)
     assert "not the student's model family" in said[0] and "yolo11s.pt" in said[0]
     assert f"the student {student_ckpt} brings weights of its own, which are kept" in said[1]
-    with pytest.raises(DetkdError, match="needs a YOLO teacher of the student's family; .*not the student's model"):
+    with pytest.raises(DetkdError, match="'init.source: teacher' cannot give the student weights: .*model family"):
         resolved(teacher=str(other_family), init={"optional": False})
     assert resolved(teacher=str(teacher_checkpoint), student=str(student_ckpt), init={"optional": False}).init.source
+    # a classifier source names no detection classes: the dry run still checks its backbone against the student's
+    classifier = {"source": str(tmp_path / "cls.pt"), "kind": "classifier", "optional": False}
+    torch.save({"model": _classifier(), "train_args": {}}, tmp_path / "cls.pt")
+    assert resolved(teacher=None, init=classifier).init.source == classifier["source"]
+
+    # end to end: the run trains without the transfer and saves the recipe it ran; with no term left, it refuses
+    train = {**TRAIN, "epochs": 1, "project": str(tmp_path), "name": "fallback", "data": str(synth_data)}
+    run = distill("recommended", teacher=str(other_family), **train).parent.parent
+    assert load_recipe(run / "distill.yaml").init == InitConfig() and not (run / "transfer.json").exists()
+    no_terms = {"logit": {"weight": 0}, "box": {"weight": 0}}
+    with pytest.raises(DetkdError, match="nothing to do beyond plain training: .* the optional init was dropped"):
+        distill("recommended", teacher=str(other_family), distill=no_terms, **train)
 
 
 def test_killed_run_resumes_from_last_checkpoint(synth_data, teacher_checkpoint, tmp_path):

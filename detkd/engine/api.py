@@ -51,6 +51,11 @@ def distill(recipe: Recipe | str | os.PathLike | None = None, **overrides) -> Pa
     from detkd.safe_load import trust_checkpoints
 
     recipe = resolve_teacher(recipe)  # a bad teacher or init source fails here, before any model is built
+    if not recipe.distills and not recipe.init.source:  # an optional init was dropped, and nothing else is asked
+        raise DetkdError(
+            "recipe: nothing to do beyond plain training: 'distill' has no loss with a weight > 0 and the optional "
+            "init was dropped (see the line above)"
+        )
     check_dataset(recipe.data).raise_if_errors()
     frames = None
     if recipe.unlabeled:  # unreadable files are named and skipped; videos are sampled into their cache here
@@ -97,7 +102,7 @@ def _resolve_init(recipe: Recipe) -> Recipe:
     if not source:
         return recipe
     if from_teacher and not (Path(source).is_file() and is_ultralytics_checkpoint(source)):
-        reason = f"{source} is not an Ultralytics checkpoint"
+        reason = f"{source} is not an Ultralytics checkpoint (weight selection needs a YOLO of the student's family)"
     elif not Path(source).is_file():
         reason = f"{source}: init.source checkpoint not found (detkd never downloads weights)"
     elif optional and Path(student).suffix not in {".yaml", ".yml"}:
@@ -109,10 +114,7 @@ def _resolve_init(recipe: Recipe) -> Recipe:
         return recipe
     if not optional:
         raise DetkdError(
-            "recipe: 'init.source: teacher' selects the student's weights from the teacher's, which needs a YOLO "
-            f"teacher of the student's family; {reason}"
-            if from_teacher
-            else reason
+            f"recipe: 'init.source: teacher' cannot give the student weights: {reason}" if from_teacher else reason
         )
     LOGGER.warning(f"detkd: the student starts without transferred weights (init.optional): {reason}")
     return replace(recipe, init=InitConfig())
