@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import re
@@ -34,7 +35,9 @@ from detkd.utils import read_results
 # weights that won the recipe screens (soft class targets ×2, LD ×8), measured on the setup those screens used: a
 # yolov8s teacher of AP ≈ 0.14-0.19 on the synthetic scenes, a yolov8n from scratch (2026-11-30: the `converged`
 # profile's teacher after 9 epochs, AP 0.141; `detkd diagnose recommended teacher=... data=... imgsz=128
-# --images 150 --batches 8`: kd_cls 0.89, kd_box 0.21; with its epoch-3 checkpoint, AP 0.025: 1.43 and 0.27).
+# --images 150 --batches 8`, then the recipe's v1 (no init): kd_cls 0.89, kd_box 0.21; with its epoch-3 checkpoint,
+# AP 0.025: 1.43 and 0.27). On the v2 recipe's weight-selected start (the converged teacher, AP 0.439): 0.52 and
+# 0.60, inside the slack.
 # A term more than BALANCE_SLACK times off its ratio is flagged, with the weight that restores it.
 TERM_GRADIENT_RATIO = {"kd_cls": 0.9, "kd_box": 0.2}
 DEFAULT_GRADIENT_RATIO = 0.5  # feature terms (none won a screen): between the two
@@ -97,7 +100,8 @@ def _run_verdict(m: dict, errors: list[Finding], warnings: list[Finding]) -> str
     if m.get("gain") is None:
         return "no run of the student alone to compare with (give --baseline RUN_DIR)"
     gain = m["gain"]
-    return f"distillation {'helped' if gain > 0 else 'did not help'}: {gain:+.4f} mAP50-95 over the student alone"
+    what = "the recipe (transferred weights and distillation)" if m.get("transferred") else "distillation"
+    return f"{what} {'helped' if gain > 0 else 'did not help'}: {gain:+.4f} mAP50-95 over the student alone"
 
 
 # --- judging: numbers → findings ------------------------------------------------------------------------------
@@ -109,7 +113,17 @@ def judge(m: dict[str, Any]) -> list[Finding]:
 
 
 def _judge_init(m: dict) -> list[Finding]:
-    """Advice, not a fault (info): a student that could start from its teacher's weights but does not."""
+    """Worth knowing (info): where the student starts, when the recipe transfers weights; advice, not a fault, for a
+    student that could start from its teacher's weights but does not."""
+    if m.get("transferred"):
+        return [
+            Finding(
+                "info",
+                "init",
+                f"the student starts from transferred weights ({m['transferred']:.0%} of them, the recipe's init): the "
+                "balance and feature similarity below are measured on that start",
+            )
+        ]
     selectable = m.get("selectable_from_teacher")
     if not selectable:
         return []
@@ -547,11 +561,13 @@ def diagnose_run(run_dir: str | os.PathLike, baseline: str | os.PathLike | None 
     if not cols:
         raise DetkdError(f"{results}: no epochs recorded")
     curve = cols[MAP_COLUMN]
+    transfer = run_dir / "transfer.json"  # written by a run whose recipe transferred weights (detkd.engine.trainer)
     m: dict[str, Any] = {
         "kind": "run",
         "epochs": len(curve),
         "final_map": curve[-1],
         "best_map": max(curve),
+        "transferred": json.loads(transfer.read_text())["fraction_from_source"] if transfer.is_file() else None,
         "terms": {},
     }
     findings = []

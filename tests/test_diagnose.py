@@ -154,7 +154,10 @@ def test_untrained_teacher_is_measured_and_named(untrained_diagnosis):
     assert untrained_diagnosis.verdict.startswith("distillation will not help")
     # yolov8s → yolov8n: the recommended recipe starts the student from the teacher's weights, all of them selected
     assert m["transferred"] > 0.9 and m["selectable_from_teacher"] is None
-    assert not _severities(untrained_diagnosis.findings, "init")
+    assert _severities(untrained_diagnosis.findings, "init") == ["info"]  # says where the student starts, no advice
+    assert "starts from transferred weights" in next(
+        f.message for f in untrained_diagnosis.findings if f.topic == "init"
+    )
 
 
 def test_terms_are_weighed_on_real_batches(untrained_diagnosis):
@@ -208,6 +211,10 @@ def test_a_run_that_led_then_fell_behind_names_the_epoch(tmp_path):
     assert diagnosis.verdict == "distillation did not help: -0.0500 mAP50-95 over the student alone"
     shorter = diagnose_run(_results(tmp_path / "short_s0", [0.2, 0.3, 0.35], kd=[2.0, 1.5, 1.0]), tmp_path / "alone_s0")
     assert shorter.verdict == "distillation helped: +0.0500 mAP50-95 over the student alone"  # at epoch 3 of both
+    # a run that also started from transferred weights (its transfer.json): the gain is the recipe's, not distillation's
+    (tmp_path / "short_s0" / "transfer.json").write_text(json.dumps({"fraction_from_source": 0.98}))
+    both = diagnose_run(tmp_path / "short_s0", tmp_path / "alone_s0")
+    assert both.verdict.startswith("the recipe (transferred weights and distillation) helped: +0.0500")
 
 
 def test_a_run_whose_terms_did_not_fall_and_cli(tmp_path):

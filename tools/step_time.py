@@ -6,6 +6,9 @@ Time, in one process on the same batches, the three workloads in turn on each ba
 (c) a distillation step with a recipe's losses, and within (c) the distillation terms' own forward. Prints (c)/(a)
 and (c)/((a)+(b)): what distillation adds beyond the teacher forward it cannot avoid, and where that remainder goes.
 
+The student is built from its config: a recipe's ``init`` (the recommended recipe's weight selection) runs once
+before training and costs nothing per step, so it is not applied here.
+
 Peak memory of the same three workloads, each in a fresh process (CPU: the process's peak resident set size
 above what it held before the models were built; CUDA: peak allocated bytes): (c)/((a)+(b)).
 
