@@ -117,7 +117,7 @@ def test_unknown_profile_lists_the_built_in_ones():
         load_profile("nope")
     assert str(e.value) == (
         "nope: neither a benchmark profile file nor a built-in benchmark profile (built-in benchmark profiles: "
-        "converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer, unlabeled)"
+        "chain, converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer, unlabeled)"
     )
 
 
@@ -126,11 +126,17 @@ def test_a_profile_finds_recipes_by_path_relative_to_it_or_by_built_in_name(tmp_
     (tmp_path / "sub" / "mine.yaml").write_text("distill: {logit: {weight: 3.0}}\n")
     path = tmp_path / "p.yaml"
     path.write_text(
-        "methods: [{name: a, kind: alone}, {name: mine, recipe: sub/mine.yaml}, {name: rec, recipe: recommended}]"
+        "methods: [{name: a, kind: alone}, {name: mine, recipe: sub/mine.yaml}, {name: rec, recipe: recommended},\n"
+        "  {name: ta, recipe: recommended, chain: [yolov8s.yaml]}]"
     )
     methods = {m.name: m for m in load_profile(path).methods}
     assert method_recipe(methods["mine"], "t.pt", "s.yaml", "d.yaml").distill.logit.weight == 3.0
     assert method_recipe(methods["rec"], "t.pt", "s.yaml", "d.yaml").distill == load_recipe("recommended").distill
+    assert method_recipe(methods["rec"], "t.pt", "s.yaml", "d.yaml").chain == []
+    assert method_recipe(methods["ta"], "t.pt", "s.yaml", "d.yaml").chain == ["yolov8s.yaml"]  # a method's chain
+    path.write_text("methods: [{name: a, kind: alone, chain: [yolov8s.yaml]}]")
+    with pytest.raises(DetkdError, match="'chain' is for kind 'detkd' only"):
+        load_profile(path)
 
 
 # aggregation

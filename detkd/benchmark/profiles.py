@@ -125,6 +125,7 @@ class Method:
     distill: dict[str, Any] | None = None  # detkd: overrides of the recipe's distill section
     init: dict[str, Any] | None = None  # detkd: overrides of the recipe's init section (source: teacher allowed)
     unlabeled: dict[str, Any] | None = None  # detkd: overrides of the recipe's unlabeled section (source: unlabeled)
+    chain: list[str] | None = None  # detkd: teacher assistants between the teacher and the student (a recipe's chain)
     # What it trains on: the profile's labeled training images; with ``data.labeled`` also ``all`` of them, fully
     # labeled, or ``labeled+pseudo``: the labeled ones and the unlabeled ones labeled by the teacher at pseudo_conf
     data: Literal["labeled", "all", "labeled+pseudo"] = "labeled"
@@ -255,7 +256,7 @@ def _check_method(m: Method, where: str, labeled: bool) -> None:
         raise DetkdError(f"{where}: 'seeds' is empty")
     if m.dis is not None and m.kind != "builtin":
         raise DetkdError(f"{where}: 'dis' is for kind 'builtin' only")
-    extra = [k for k in ("recipe", "distill", "init", "unlabeled") if getattr(m, k) is not None]
+    extra = [k for k in ("recipe", "distill", "init", "unlabeled", "chain") if getattr(m, k) is not None]
     if extra and m.kind != "detkd":
         raise DetkdError(f"{where}: '{extra[0]}' is for kind 'detkd' only")
     if m.data != "labeled" and not labeled:
@@ -281,7 +282,7 @@ def method_recipe(method: Method, teacher: str, student: str, data: str, unlabel
     """The detkd recipe of a method, with the benchmark's teacher, student, data and unlabeled images (in place of
     ``unlabeled: {source: unlabeled}``); its own ``train`` keys are dropped so that the budget is the profile's
     alone."""
-    overrides = {k: v for k in ("distill", "init", "unlabeled") if (v := getattr(method, k)) is not None}
+    overrides = {k: v for k in ("distill", "init", "unlabeled", "chain") if (v := getattr(method, k)) is not None}
     recipe = load_recipe(method.recipe, overrides)
     if recipe.init.source == TEACHER_PLACEHOLDER:
         recipe.init.source = teacher
