@@ -485,10 +485,11 @@ def transfer_problem(source: str | os.PathLike, student: str | os.PathLike, kind
     from ultralytics.nn.modules.head import Classify
 
     try:
-        model = load_model(source)
-        # a classifier names no detection classes; their count does not decide what transfers (its head never does)
-        names = {0: "object"} if isinstance(_layers(model)[-1], Classify) else None
-        transfer_weights(model, _build_student(student, names, model, seed=0), kind)
+        with internals.quiet_ultralytics():  # a check: the models it builds are not the run's, their summaries noise
+            model = load_model(source)
+            # a classifier names no detection classes; their count does not decide what transfers (its head never does)
+            names = {0: "object"} if isinstance(_layers(model)[-1], Classify) else None
+            transfer_weights(model, _build_student(student, names, model, seed=0), kind)
     except DetkdError as e:
         return " ".join(str(e).split())  # one line, whatever a wrapped exception's text held
     return None
