@@ -17,6 +17,7 @@ from detkd.benchmark import (
     PROFILES_DIR,
     Bench,
     DataSpec,
+    describe_method,
     gap_closed,
     load_profile,
     main,
@@ -119,6 +120,22 @@ def test_unknown_profile_lists_the_built_in_ones():
         "nope: neither a benchmark profile file nor a built-in benchmark profile (built-in benchmark profiles: "
         "chain, converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer, unlabeled)"
     )
+
+
+def test_methods_are_described_by_what_they_train():
+    """The report says what each method is: a name such as ``recommended`` does not (in a profile it is the
+    recipe's distillation terms, its transfer off)."""
+    converged = {m.name: m for m in load_profile("converged").methods}
+    said = {name: describe_method(m, "yolov8n.yaml") for name, m in converged.items()}
+    assert said["recommended"] == "soft class targets ×2 + box distillation ×8"
+    selected = "; starts from the teacher's weights (weight selection)"
+    assert said["recommended+transfer"] == said["recommended"] + selected
+    assert said["transfer"] == "no distillation" + selected
+    assert said["recommended+gate"].endswith(", gate teacher_better") and said["alone"] == "the student alone"
+    assert describe_method(load_profile("chain").methods[2], "yolov8n.yaml").endswith("; through yolov8s")
+    unlabeled = {m.name: describe_method(m, "yolov8n.yaml") for m in load_profile("unlabeled").methods}
+    assert unlabeled["ceiling"] == "the student alone, on every training image, fully labeled"
+    assert unlabeled["distilled+unlabeled"].endswith("; with unlabeled images (1 per labeled one)")
 
 
 def test_a_profile_finds_recipes_by_path_relative_to_it_or_by_built_in_name(tmp_path):
@@ -291,6 +308,7 @@ def test_tiny_benchmark_runs_every_kind_of_method_reports_and_resumes(synth_data
     assert "train/dis_loss" in builtin_log.splitlines()[0] and "train/kd_cls" in logit_log.splitlines()[0]
     md = (out / "results.md").read_text()
     assert all(f"| {name} | " in md for name in runs) and (out / "gains.png").is_file()
+    assert "- logit: soft class targets ×1\n" in md and "- builtin: Ultralytics' built-in distillation" in md
 
     # nothing left: no run starts, no record is rewritten
     assert main(args) == 0

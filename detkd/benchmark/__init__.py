@@ -16,6 +16,7 @@ from detkd.benchmark.profiles import (
     Profile,
     SyntheticData,
     TeacherSpec,
+    describe_method,
     load_profile,
     method_recipe,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "SyntheticData",
     "TeacherSpec",
     "build_report",
+    "describe_method",
     "format_markdown",
     "gap_closed",
     "load_profile",

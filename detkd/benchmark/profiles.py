@@ -292,3 +292,36 @@ def method_recipe(method: Method, teacher: str, student: str, data: str, unlabel
     recipe.teacher = teacher if recipe.distills else None
     recipe.student, recipe.data, recipe.train = student, data, {}
     return recipe
+
+
+def describe_method(method: Method, student: str) -> str:
+    """What a method trains, in words, for the report: a method's name alone does not say it (``recommended`` in a
+    profile is the recipe's distillation terms; the shipped recipe also starts from the teacher's weights)."""
+    if method.kind == "alone":
+        return "the student alone" + {
+            "all": ", on every training image, fully labeled",
+            "labeled+pseudo": f", on the labeled images and the teacher's detections (≥ {method.pseudo_threshold:g}) "
+            "on the unlabeled ones",
+        }.get(method.data, "")
+    if method.kind == "builtin":
+        return f"Ultralytics' built-in distillation (distill_model=, dis={6.0 if method.dis is None else method.dis:g})"
+    r = method_recipe(method, TEACHER_PLACEHOLDER, student, "data.yaml", unlabeled=[UNLABELED_PLACEHOLDER])
+    d = r.distill
+    terms = [f"{f.loss} ×{f.weight:g}" + (" (backbone)" if f.from_ == "backbone" else "") for f in d.feature]
+    terms += [f"soft class targets ×{d.logit.weight:g}"] if d.logit.weight > 0 else []
+    terms += [f"box distillation ×{d.box.weight:g}"] if d.box.weight > 0 else []
+    second = [(w, what) for w, what in ((d.second_stage.cls_weight, "class"), (d.second_stage.box_weight, "box")) if w]
+    terms += [f"second-stage {what} ×{w:g}" for w, what in second]  # the teacher's RoI head on the student's boxes
+    terms += [f"the teacher's missed boxes (≥ {d.pseudo.conf:g})"] if d.pseudo is not None else []
+    text = " + ".join(terms) or "no distillation"
+    gates = {c.gate for c in (d.logit, d.box) if c.gate != "none"}
+    text += f", gate {', '.join(sorted(gates))}" if gates else ""
+    text += f", {d.schedule.decay} decay" if d.schedule.decay != "none" else ""
+    if r.init.source == TEACHER_PLACEHOLDER:
+        text += "; starts from the teacher's weights (weight selection)"
+    elif r.init.source:
+        text += f"; starts from {Path(r.init.source).name} ({r.init.kind})"
+    text += f"; through {' → '.join(Path(c).stem for c in r.chain)}" if r.chain else ""
+    if r.unlabeled is not None:
+        text += f"; with unlabeled images ({r.unlabeled.ratio:g} per labeled one)"
+    return text

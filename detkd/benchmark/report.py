@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from detkd.benchmark.jobs import Bench
+from detkd.benchmark.profiles import describe_method
 from detkd.evaluation import COCO_METRICS
 from detkd.utils import save_json, write_text
 
@@ -91,6 +92,7 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
     methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher and teacher["metrics"]["AP"])
     kinds = {m.name: m.kind for m in profile.methods}
     trained_on = {m.name: m.data for m in profile.methods}
+    what = {m.name: describe_method(m, profile.student) for m in profile.methods}
     return {
         "profile": profile.name,
         "command": command,
@@ -101,7 +103,10 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
         "student": profile.student,
         "teacher": {**asdict(profile.teacher), "metrics": teacher and teacher["metrics"]},
         "baseline": profile.baseline,
-        "methods": [{**row, "kind": kinds[row["method"]], "data": trained_on[row["method"]]} for row in methods],
+        "methods": [
+            {**row, "kind": kinds[row["method"]], "data": trained_on[row["method"]], "what": what[row["method"]]}
+            for row in methods
+        ],
         "runs": [{k: v for k, v in r.items() if k != "job"} for r in runs],
         "failed": list(failed),
     }
@@ -178,6 +183,8 @@ def format_markdown(report: dict) -> str:
         "AP_alone). Time/epoch: wall time per epoch (training and validation) over the baseline's. Peak memory: "
         f"{memory} of the training process (data-loading workers not included), the largest over seeds.",
     ]
+    described = [f"- {r['method']}: {r['what']}" for r in report["methods"] if r.get("what")]
+    lines += ["", "Methods:", *described] if described else []
     if report["failed"]:
         lines += ["", "Failed runs (see bench.log in each): " + ", ".join(report["failed"])]
     return "\n".join(lines) + "\n"
