@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The measurements that need a GPU, in one call of a lent GPU machine (15 minutes a session, start-up included):
+# each stage under its own time limit, its results copied under $OUT as they come, so a cut stage still returns
+# what it finished; every stage's output in $OUT/session.log (the call returns at most 8 files).
+#
+#   run(command="bash tools/gpu_session.sh setup deploy gpu", carry=[".whl", "runs/carry"], timeout_s=600)
+#
+#   setup    install the carried wheels (.whl/) into /tmp/site; versions and the GPU         (limit  90 s)
+#   deploy   deployment issue: tools/deploy_report.py at 640 px on the GPU (speed table, exports'
+#            parity, video against the speed table: the 20 % criterion)                      (limit 150 s)
+#   gpu      convergence issue: the `gpu` benchmark profile, nine runs side by side, with the
+#            teacher carried in runs/carry/gpu_teacher.pt (else trained there first)          (limit 330 s)
+#
+# Prepared on the CPU machine (this checkout), once:
+#   echo /.whl/ >> .git/info/exclude      # then, for Python 3.12 (the GPU machine's), the packages it lacks:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     --platform manylinux1_x86_64 -d .whl ultralytics==8.4.190 ultralytics-thop==2.2.3 ultralytics-platform==0.1.99 \
+#     pycocotools==2.0.11 albumentations==2.0.8 albucore==0.0.24 simsimd==6.5.16 stringzilla==5.3.2 pydantic==2.14.4 \
+#     pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 lap==0.5.13 \
+#     onnxslim==0.1.98                    # 12 MB; polars (54 MB) stays behind: detkd never needs it (plots=False)
+#   mkdir -p runs/carry && cp runs/bench/converged/runs/alone_s0/weights/best.pt runs/carry/student.pt
+#   cp runs/bench/gpu/teacher/*/weights/best.pt runs/carry/gpu_teacher.pt   # if trained here beforehand (≈ 1 h)
+# Rehearse it here first, tiny and on the CPU (what each stage does, not how long it takes there):
+#   OUT=/tmp/gs DEVICE=cpu IMGSZ=64 FRAMES=20 PROFILE=tiny.yaml bash tools/gpu_session.sh setup deploy gpu
+#   (tiny.yaml: a profile of a few 64 px scenes and one epoch; here setup fails on the Python 3.12 wheels, harmless;
+#   SETUP_LIMIT, DEPLOY_LIMIT, GPU_LIMIT change a stage's limit, e.g. to see a cut stage return its results)
+set -u
+OUT=${OUT:-/tmp/gpu_session}
+DEVICE=${DEVICE:-0}
+IMGSZ=${IMGSZ:-640}
+FRAMES=${FRAMES:-300}
+PROFILE=${PROFILE:-gpu}
+STUDENT=${STUDENT:-runs/carry/student.pt}
+TEACHER=${TEACHER:-docs/benchmarks/converged/teacher/teacher.pt}
+mkdir -p "$OUT"
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+START=$(date +%s)
+
+log() { echo "[$(($(date +%s) - START)) s] $*"; }
+
+# copy FILES into $OUT every 10 s while a stage runs, and once when it ends (a stage cut by its limit still returns them)
+keep_copying() {
+  while true; do for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/"; done; sleep 10; done
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...: the command's output appended to $OUT/session.log, its exit status logged
+  local name=$1 limit=$2 status
+  shift 2
+  log "$name: start (limit ${limit} s)" | tee -a "$OUT/session.log"
+  timeout --kill-after=10 "$limit" "$@" > "/tmp/$name.log" 2>&1
+  status=$?
+  cat "/tmp/$name.log" >> "$OUT/session.log"
+  log "$name: exit $status$([ $status = 124 ] && echo ': cut at its limit')" | tee -a "$OUT/session.log"
+  tail -n 25 "/tmp/$name.log"
+}
+
+setup() {
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+  fi
+  python3 -c "import torch, ultralytics, detkd; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'ultralytics', ultralytics.__version__)"
+  nproc
+}
+
+deploy() {
+  python3 -m detkd.cli synth --out /tmp/deploy_data --train 32 --val 100 --imgsz "$IMGSZ" > /dev/null || return 1
+  python3 -m detkd.cli synth --video /tmp/traffic.mp4 --frames "$FRAMES" --imgsz "$IMGSZ" > /dev/null || return 1
+  keep_copying /tmp/deploy/deploy.md /tmp/deploy/deploy.json &
+  local copier=$!
+  python3 tools/deploy_report.py "$STUDENT" "$TEACHER" --data /tmp/deploy_data/data.yaml --footage /tmp/traffic.mp4 \
+    --imgsz "$IMGSZ" --device "$DEVICE" --formats onnx --out /tmp/deploy
+  local status=$?
+  kill "$copier"; cp /tmp/deploy/deploy.md /tmp/deploy/deploy.json "$OUT/" 2> /dev/null
+  return $status
+}
+
+gpu() {
+  local teacher=()
+  [ -f runs/carry/gpu_teacher.pt ] && teacher=(--teacher runs/carry/gpu_teacher.pt)
+  keep_copying /tmp/bench/results.md /tmp/bench/results.json /tmp/bench/map_vs_epoch.png &
+  local copier=$!
+  python3 -m detkd.cli benchmark --profile "$PROFILE" --out /tmp/bench "${teacher[@]}"
+  local status=$?
+  kill "$copier"; cp /tmp/bench/results.md /tmp/bench/results.json /tmp/bench/map_vs_epoch.png "$OUT/" 2> /dev/null
+  return $status
+}
+
+# the stages run as `bash -c NAME` under timeout, which cannot run a function of this shell itself
+export OUT DEVICE IMGSZ FRAMES PROFILE STUDENT TEACHER START
+export -f log keep_copying setup deploy gpu
+for name in "$@"; do
+  case $name in
+    setup) stage setup "${SETUP_LIMIT:-90}" bash -c setup ;;
+    deploy) stage deploy "${DEPLOY_LIMIT:-150}" bash -c deploy ;;
+    gpu) stage gpu "${GPU_LIMIT:-330}" bash -c gpu ;;
+    *) echo "gpu_session.sh: unknown stage '$name' (setup, deploy, gpu)" >&2; exit 2 ;;
+  esac
+done
+log "done"
