@@ -231,6 +231,7 @@ def _teacher_train(args) -> None:
         workers=args.workers,
         lr=args.lr,
         seed=args.seed,
+        weights=args.weights,
     )
     metrics = json.loads((teacher.parent / "coco_metrics.json").read_text())
     print(format_table({teacher.stem: metrics}))
@@ -307,7 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="teacher_command", required=True, metavar="ACTION"
     )
     p = teacher.add_parser("train", help="train a Faster R-CNN on letterboxed images, as distillation will feed it")
-    p.add_argument("--arch", required=True, help="fasterrcnn_resnet18_fpn, fasterrcnn_resnet50_fpn_v2, ... (scratch)")
+    p.add_argument("--arch", required=True, help="fasterrcnn_resnet18_fpn, fasterrcnn_resnet50_fpn_v2, ...")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="fine-tune these detector weights (a torchvision state dict file, or a weights name of ARCH in "
+        "torchvision's cache: COCO_V1): a new box predictor for the data's classes, the backbone's batch norms "
+        "frozen (default: from scratch; never downloads)",
+    )
     p.add_argument("--data", required=True, help="YOLO data .yaml or COCO instances .json (train and val splits)")
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--imgsz", type=int, required=True, help="letterboxed input size, a multiple of 32")

@@ -8,6 +8,11 @@ letterboxed to ``imgsz`` square (as Ultralytics letterboxes a student's batch, c
 model's own resize is made a no-op, so the teacher trains at exactly the scale and grid the distiller later feeds
 it (:class:`~detkd.adapters.torchvision.TorchvisionAdapter` bypasses the resize).
 
+With ``weights`` it fine-tunes instead of starting from scratch, as torchvision's fine-tuning tutorial does: a
+detector's weights (COCO's, say), its box predictor (sized and ordered for the weights' own classes) replaced by a
+new one for the data's classes, and the backbone's batch norms kept as they are (torchvision's builders freeze them
+as ``FrozenBatchNorm2d`` when they load weights: statistics of a few letterboxed images would be noise).
+
 ``OUT`` receives ``weights/last.pt`` (the training state, written atomically after each epoch; running the same
 command again resumes from it), ``results.csv`` (per epoch: time, losses, COCO AP on the val split through
 :mod:`detkd.evaluation`), and at the end ``teacher.pt`` (a detkd teacher checkpoint,
@@ -31,7 +36,15 @@ import torch
 from torch import Tensor, nn
 
 from detkd import safe_load
-from detkd.adapters.torchvision import TorchvisionAdapter, build_model, check_architecture, save_torchvision_teacher
+from detkd.adapters.torchvision import (
+    TorchvisionAdapter,
+    build_model,
+    check_architecture,
+    fit_weights,
+    num_classes_of,
+    read_state_dict,
+    save_torchvision_teacher,
+)
 from detkd.data import load_data
 from detkd.data.dataset import DetectionDataset
 from detkd.errors import DetkdError
@@ -58,6 +71,14 @@ class TeacherTraining:
     batch: int = 8
     lr: float = 0.02  # SGD learning rate at batch 16 (torchvision's references), scaled linearly with the batch
     seed: int = 0
+    weights: str | None = None  # the detector weights it fine-tunes from; None: from scratch
+
+    def to_dict(self) -> dict:
+        """The settings as saved; ``weights`` only when set, so that states saved before it existed still match."""
+        out = asdict(self)
+        if out["weights"] is None:
+            del out["weights"]
+        return out
 
 
 class LetterboxedDetections(torch.utils.data.Dataset):
@@ -121,10 +142,12 @@ def train_teacher(
     workers: int = 2,
     lr: float = 0.02,
     seed: int = 0,
+    weights: str | os.PathLike | None = None,
 ) -> Path:
-    """Train ``arch`` (a name of :data:`~detkd.adapters.torchvision.ARCHITECTURES`, from scratch) on the YOLO data
-    yaml or COCO json ``data`` at letterboxed ``imgsz``; returns ``out/teacher.pt``. Resumes a cut run of the same
-    settings in ``out``; a finished one is returned as it is."""
+    """Train ``arch`` (a name of :data:`~detkd.adapters.torchvision.ARCHITECTURES`) on the YOLO data yaml or COCO
+    json ``data`` at letterboxed ``imgsz``, from scratch or, with ``weights`` (a state dict file, or a weights name
+    of ``arch`` in torchvision's cache: ``COCO_V1``), fine-tuning them; returns ``out/teacher.pt``. Resumes a cut run
+    of the same settings in ``out``; a finished one is returned as it is."""
     from detkd.ultralytics_internals import progress_bar, ultralytics_offline
 
     ultralytics_offline()
@@ -133,7 +156,8 @@ def train_teacher(
     check_architecture(arch)
     if epochs < 1 or batch < 1 or imgsz < 32 or imgsz % 32:
         raise DetkdError(f"teacher train: need epochs >= 1, batch >= 1, imgsz a multiple of 32 (got {imgsz})")
-    settings = TeacherTraining(arch, str(Path(data).resolve()), epochs, imgsz, batch, lr, seed)
+    source = None if weights is None else str(Path(weights).resolve() if Path(weights).is_file() else weights)
+    settings = TeacherTraining(arch, str(Path(data).resolve()), epochs, imgsz, batch, lr, seed, source)
     out = Path(out)
     state_file, final = out / "weights" / "last.pt", out / "teacher.pt"
     state = _read_state(state_file, settings)
@@ -147,10 +171,13 @@ def train_teacher(
     names = {i + 1: c.name for i, c in enumerate(categories)}
     dev = select_device(device or "", verbose=False)
     torch.manual_seed(seed)
-    model = build_model(arch, len(names) + 1)
+    fresh = weights is None or state is not None  # a resumed run's weights come from its own state
+    model = build_model(arch, len(names) + 1) if fresh else _fine_tuned(arch, weights, len(names) + 1)
     model.transform.min_size, model.transform.max_size = (imgsz,), imgsz  # its resize: a no-op on letterboxed input
     model.roi_heads.fg_bg_sampler.batch_size_per_image = ROIS_PER_IMAGE
     model.to(dev)
+    if weights is not None:
+        _freeze_backbone_norms(model)  # before the optimizer is built: frozen parameters are not in it
     params = [p for p in model.parameters() if p.requires_grad]
     base_lr = lr * batch / 16
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=1e-4)
@@ -178,6 +205,8 @@ def train_teacher(
     for epoch in range(start, epochs):
         loader.generator.manual_seed(seed + epoch)  # the same shuffle and flips when an epoch is rerun on resume
         model.train()
+        if weights is not None:
+            _freeze_backbone_norms(model)  # train() put them back in training mode
         began, sums, iteration = time.time(), {}, epoch * len(loader)
         bar = progress_bar(loader, desc=f"teacher {epoch + 1}/{epochs}", total=len(loader))
         for images, targets in bar:
@@ -223,6 +252,27 @@ def train_teacher(
     return save_torchvision_teacher(final, arch, {k: v.cpu() for k, v in model.state_dict().items()}, names, imgsz)
 
 
+def _fine_tuned(arch: str, weights: str | os.PathLike, num_classes: int) -> nn.Module:
+    """``arch`` with the detector ``weights``, its box predictor replaced by a new one for ``num_classes``."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    state = read_state_dict(weights, arch)
+    model = fit_weights(build_model(arch, num_classes_of(state, str(weights))), state, str(weights))
+    features = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = FastRCNNPredictor(features, num_classes)
+    return model
+
+
+def _freeze_backbone_norms(model: nn.Module) -> None:
+    """The backbone's batch norms in eval mode with their affine parameters fixed: what ``FrozenBatchNorm2d``
+    computes, without changing the modules (so a fine-tuned teacher's state dict is an ordinary one)."""
+    for module in model.backbone.body.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
 def evaluate_teacher(model: nn.Module, names: dict[int, str], dataset: DetectionDataset, imgsz: int, batch: int):
     """The 12 COCO numbers of ``model`` (left in eval mode) on ``dataset``, seen as in distillation."""
     model.eval()
@@ -241,7 +291,7 @@ def _write_results(path: Path, history: list[dict]) -> None:
 def _save_state(path: Path, settings: TeacherTraining, model, optimizer, epoch: int, history: list[dict]) -> None:
     state = {
         STATE_KEY: 1,
-        "settings": asdict(settings),
+        "settings": settings.to_dict(),
         "epoch": epoch,
         "model": {k: v.cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
@@ -258,7 +308,7 @@ def _read_state(path: Path, settings: TeacherTraining) -> dict | None:
     state = safe_load.load(path, lambda name: None, map_location="cpu", kind="teacher training state")
     if not isinstance(state, dict) or state.get(STATE_KEY) != 1:
         raise DetkdError(f"{path}: not a detkd teacher training state; choose another --out")
-    if state["settings"] != asdict(settings):
+    if state["settings"] != settings.to_dict():
         theirs = state["settings"]
         differ = ", ".join(
             f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in asdict(settings).items() if theirs.get(k) != v

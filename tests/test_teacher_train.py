@@ -112,6 +112,33 @@ def trained_teacher(few_scenes, tmp_path_factory):
     return out, args, result
 
 
+def test_fine_tuning_keeps_the_weights_but_the_predictor_and_freezes_backbone_norms(few_scenes, tmp_path):
+    """``--weights``: a detector's weights (here COCO-shaped: 91 classes) are fine-tuned: every tensor loaded but
+    the box predictor, which starts anew for the data's 8 classes + background; the backbone's batch-norm
+    statistics and affine stay as loaded while the rest trains. Weights of another architecture are one line."""
+    from detkd.teacher_train import train_teacher
+
+    torch.manual_seed(3)
+    coco = build_model(ARCH, 91).state_dict()
+    coco["backbone.body.bn1.running_mean"] = torch.rand(64)  # not the init's zeros: a loaded value shows
+    torch.save(coco, tmp_path / "coco.pt")
+    out = train_teacher(
+        ARCH, few_scenes, 1, 64, tmp_path / "ft", batch=8, device="cpu", workers=0, weights=tmp_path / "coco.pt"
+    )
+    state = torch.load(out.parent / "weights" / "last.pt", weights_only=True)
+    tuned = state["model"]
+    assert state["settings"]["weights"] == str(tmp_path / "coco.pt")
+    assert tuned["roi_heads.box_predictor.cls_score.weight"].shape[0] == 9
+    for frozen in ("backbone.body.bn1.running_mean", "backbone.body.layer1.0.bn1.weight"):
+        torch.testing.assert_close(tuned[frozen], coco[frozen])
+    assert not torch.equal(tuned["backbone.body.conv1.weight"], coco["backbone.body.conv1.weight"])  # trained
+    assert not torch.equal(tuned["rpn.head.conv.0.0.weight"], coco["rpn.head.conv.0.0.weight"])
+
+    torch.save(build_model("fasterrcnn_mobilenet_v3_large_fpn", 91).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(DetkdError, match=r"other.pt: weights do not fit the architecture: lacks backbone"):
+        train_teacher(ARCH, few_scenes, 1, 64, tmp_path / "bad", weights=tmp_path / "other.pt", device="cpu")
+
+
 def test_teacher_train_writes_a_checkpoint_that_loads_and_resumes(trained_teacher):
     out, args, result = trained_teacher
     assert "AP @[IoU=0.50:0.95 | area=all | maxDets=100]" in result.stdout
