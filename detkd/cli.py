@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=None, help="validation scenes (default: 100)")
     p.set_defaults(func=_quickstart)
 
-    p = sub.add_parser("train", help="distil a teacher into a student from a recipe")
+    p = sub.add_parser("train", help="distil a teacher into a student from a recipe (and start it from weights: init)")
     p.add_argument(
         "recipe",
         help="recipe YAML, or a built-in recipe's name (recommended, ...), or resume=RUN_DIR to continue a killed run",
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="recipe keys (teacher=, student=, data=, distill.logit.weight=) or any Ultralytics training key",
+        help="recipe keys (teacher=, student=, data=, distill.logit.weight=, init.source=null) or any Ultralytics "
+        "training key",
     )
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_train)
