@@ -232,6 +232,7 @@ def _teacher_train(args) -> None:
         lr=args.lr,
         seed=args.seed,
         weights=args.weights,
+        backbone=args.backbone_weights,
     )
     metrics = json.loads((teacher.parent / "coco_metrics.json").read_text())
     print(format_table({teacher.stem: metrics}))
@@ -316,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune these detector weights (a torchvision state dict file, or a weights name of ARCH in "
         "torchvision's cache: COCO_V1): a new box predictor for the data's classes, the backbone's batch norms "
         "frozen (default: from scratch; never downloads)",
+    )
+    p.add_argument(
+        "--backbone-weights",
+        default=None,
+        help="start the backbone from a torchvision ResNet classifier's state dict file (ImageNet's, or "
+        "tools/crops_backbone.py's), its batch norms frozen",
     )
     p.add_argument("--data", required=True, help="YOLO data .yaml or COCO instances .json (train and val splits)")
     p.add_argument("--epochs", type=int, required=True)

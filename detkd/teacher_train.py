@@ -10,8 +10,11 @@ it (:class:`~detkd.adapters.torchvision.TorchvisionAdapter` bypasses the resize)
 
 With ``weights`` it fine-tunes instead of starting from scratch, as torchvision's fine-tuning tutorial does: a
 detector's weights (COCO's, say), its box predictor (sized and ordered for the weights' own classes) replaced by a
-new one for the data's classes, and the backbone's batch norms kept as they are (torchvision's builders freeze them
-as ``FrozenBatchNorm2d`` when they load weights: statistics of a few letterboxed images would be noise).
+new one for the data's classes. With ``backbone`` only the backbone starts trained: a torchvision ResNet
+classifier's weights (ImageNet's, or ``tools/crops_backbone.py``'s on synthetic object crops, where none can be
+downloaded), as torchvision's ``weights_backbone`` does. Either way the backbone's batch norms are kept as they are
+(torchvision's builders freeze them as ``FrozenBatchNorm2d`` when they load weights: statistics of a few letterboxed
+images would be noise).
 
 ``OUT`` receives ``weights/last.pt`` (the training state, written atomically after each epoch; running the same
 command again resumes from it), ``results.csv`` (per epoch: time, losses, COCO AP on the val split through
@@ -72,13 +75,12 @@ class TeacherTraining:
     lr: float = 0.02  # SGD learning rate at batch 16 (torchvision's references), scaled linearly with the batch
     seed: int = 0
     weights: str | None = None  # the detector weights it fine-tunes from; None: from scratch
+    backbone: str | None = None  # the classifier weights its backbone starts from
 
     def to_dict(self) -> dict:
-        """The settings as saved; ``weights`` only when set, so that states saved before it existed still match."""
-        out = asdict(self)
-        if out["weights"] is None:
-            del out["weights"]
-        return out
+        """The settings as saved; ``weights`` and ``backbone`` only when set, so that states saved before they
+        existed still match."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("weights", "backbone")}
 
 
 class LetterboxedDetections(torch.utils.data.Dataset):
@@ -143,10 +145,12 @@ def train_teacher(
     lr: float = 0.02,
     seed: int = 0,
     weights: str | os.PathLike | None = None,
+    backbone: str | os.PathLike | None = None,
 ) -> Path:
     """Train ``arch`` (a name of :data:`~detkd.adapters.torchvision.ARCHITECTURES`) on the YOLO data yaml or COCO
     json ``data`` at letterboxed ``imgsz``, from scratch or, with ``weights`` (a state dict file, or a weights name
-    of ``arch`` in torchvision's cache: ``COCO_V1``), fine-tuning them; returns ``out/teacher.pt``. Resumes a cut run
+    of ``arch`` in torchvision's cache: ``COCO_V1``), fine-tuning them, or with ``backbone`` (a torchvision ResNet
+    classifier's state dict file) as its backbone's start; returns ``out/teacher.pt``. Resumes a cut run
     of the same settings in ``out``; a finished one is returned as it is."""
     from detkd.ultralytics_internals import progress_bar, ultralytics_offline
 
@@ -156,8 +160,11 @@ def train_teacher(
     check_architecture(arch)
     if epochs < 1 or batch < 1 or imgsz < 32 or imgsz % 32:
         raise DetkdError(f"teacher train: need epochs >= 1, batch >= 1, imgsz a multiple of 32 (got {imgsz})")
+    if weights is not None and backbone is not None:
+        raise DetkdError("teacher train: give --weights (a whole detector) or --backbone-weights, not both")
     source = None if weights is None else str(Path(weights).resolve() if Path(weights).is_file() else weights)
-    settings = TeacherTraining(arch, str(Path(data).resolve()), epochs, imgsz, batch, lr, seed, source)
+    body = None if backbone is None else str(Path(backbone).resolve())
+    settings = TeacherTraining(arch, str(Path(data).resolve()), epochs, imgsz, batch, lr, seed, source, body)
     out = Path(out)
     state_file, final = out / "weights" / "last.pt", out / "teacher.pt"
     state = _read_state(state_file, settings)
@@ -171,12 +178,16 @@ def train_teacher(
     names = {i + 1: c.name for i, c in enumerate(categories)}
     dev = select_device(device or "", verbose=False)
     torch.manual_seed(seed)
-    fresh = weights is None or state is not None  # a resumed run's weights come from its own state
-    model = build_model(arch, len(names) + 1) if fresh else _fine_tuned(arch, weights, len(names) + 1)
+    model = build_model(arch, len(names) + 1)
+    if state is None and weights is not None:  # a resumed run's weights come from its own state
+        model = _fine_tuned(arch, weights, len(names) + 1)
+    elif state is None and backbone is not None:
+        _load_backbone(model, backbone)
+    pretrained = weights is not None or backbone is not None
     model.transform.min_size, model.transform.max_size = (imgsz,), imgsz  # its resize: a no-op on letterboxed input
     model.roi_heads.fg_bg_sampler.batch_size_per_image = ROIS_PER_IMAGE
     model.to(dev)
-    if weights is not None:
+    if pretrained:
         _freeze_backbone_norms(model)  # before the optimizer is built: frozen parameters are not in it
     params = [p for p in model.parameters() if p.requires_grad]
     base_lr = lr * batch / 16
@@ -205,7 +216,7 @@ def train_teacher(
     for epoch in range(start, epochs):
         loader.generator.manual_seed(seed + epoch)  # the same shuffle and flips when an epoch is rerun on resume
         model.train()
-        if weights is not None:
+        if pretrained:
             _freeze_backbone_norms(model)  # train() put them back in training mode
         began, sums, iteration = time.time(), {}, epoch * len(loader)
         bar = progress_bar(loader, desc=f"teacher {epoch + 1}/{epochs}", total=len(loader))
@@ -261,6 +272,18 @@ def _fine_tuned(arch: str, weights: str | os.PathLike, num_classes: int) -> nn.M
     features = model.roi_heads.box_predictor.cls_score.in_features
     model.roi_heads.box_predictor = FastRCNNPredictor(features, num_classes)
     return model
+
+
+def _load_backbone(model: nn.Module, path: str | os.PathLike) -> None:
+    """A torchvision ResNet classifier's weights (its ``fc`` dropped) into ``model``'s ResNet backbone, whose
+    layers keep the classifier's names (``conv1``, ``bn1``, ``layer1`` ... ``layer4``)."""
+    body = model.backbone.body
+    if not hasattr(body, "layer1"):
+        raise DetkdError(
+            f"{path}: --backbone-weights is for ResNet backbones (a ResNet classifier's weights); this is not one"
+        )
+    state = {k: v for k, v in read_state_dict(path, "resnet").items() if not k.startswith("fc.")}
+    fit_weights(body, state, str(path))
 
 
 def _freeze_backbone_norms(model: nn.Module) -> None:

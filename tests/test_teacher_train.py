@@ -8,6 +8,7 @@ import csv
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,38 @@ def test_fine_tuning_keeps_the_weights_but_the_predictor_and_freezes_backbone_no
     torch.save(build_model("fasterrcnn_mobilenet_v3_large_fpn", 91).state_dict(), tmp_path / "other.pt")
     with pytest.raises(DetkdError, match=r"other.pt: weights do not fit the architecture: lacks backbone"):
         train_teacher(ARCH, few_scenes, 1, 64, tmp_path / "bad", weights=tmp_path / "other.pt", device="cpu")
+
+
+def test_a_backbone_pretrained_on_crops_starts_the_teacher(few_scenes, tmp_path):
+    """``tools/crops_backbone.py`` trains a ResNet-18 classifier on synthetic object crops; ``--backbone-weights``
+    starts a teacher's ResNet backbone from it (its fc dropped, its batch norms frozen). A backbone that is not a
+    ResNet, or both kinds of weights at once, are one line each."""
+    from detkd.teacher_train import train_teacher
+
+    weights = tmp_path / "crops_resnet18.pt"
+    tool = [sys.executable, "tools/crops_backbone.py", "--out", weights, "--epochs", "1", "--per-class", "4"]
+    done = subprocess.run(
+        [*map(str, tool), "--imgsz", "32", "--batch", "16", "--workers", "0"],
+        env=detkd_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "epoch 1/1: val top-1 " in done.stdout and (tmp_path / "crops_resnet18" / "crops" / "val").is_dir()
+    classifier = torch.load(weights, weights_only=True)
+    assert classifier["fc.weight"].shape == (8, 512)
+
+    out = train_teacher(ARCH, few_scenes, 1, 64, tmp_path / "t", batch=8, device="cpu", workers=0, backbone=weights)
+    state = torch.load(out.parent / "weights" / "last.pt", weights_only=True)
+    assert state["settings"]["backbone"] == str(weights) and "weights" not in state["settings"]
+    for frozen in ("bn1.running_var", "layer2.0.bn1.bias"):
+        torch.testing.assert_close(state["model"][f"backbone.body.{frozen}"], classifier[frozen])
+    with pytest.raises(DetkdError, match="--backbone-weights is for ResNet backbones"):
+        train_teacher("fasterrcnn_mobilenet_v3_large_fpn", few_scenes, 1, 64, tmp_path / "m", backbone=weights)
+    with pytest.raises(DetkdError, match="give --weights .* or --backbone-weights, not both"):
+        train_teacher(ARCH, few_scenes, 1, 64, tmp_path / "b", backbone=weights, weights=weights)
 
 
 def test_teacher_train_writes_a_checkpoint_that_loads_and_resumes(trained_teacher):
