@@ -368,6 +368,20 @@ def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_
     assert jobs["features+cls"].recipe["distill"]["second_stage"]["cls_weight"] == 1.0
     assert jobs["frcnn"].recipe["distill"] == load_recipe("frcnn").to_dict()["distill"]
 
+    # a backbone for the teacher (tools/crops_backbone.py): passed to detkd teacher train, and a teacher of its own
+    (tmp_path / "crops.pt").write_bytes(b"")
+    profile.teacher.backbone = str(tmp_path / "crops.pt")
+    started = Bench.prepare(profile, tmp_path).teacher
+    assert started.train["backbone"] == str(tmp_path / "crops.pt") and started.run_dir != bench.teacher.run_dir
+    assert "backbone" not in bench.teacher.train
+    for text, message in (
+        ("teacher: {model: yolov8s.yaml, backbone: crops.pt}", "'teacher.backbone' is for a torchvision:ARCH teacher"),
+        ("teacher: {model: 'torchvision:fasterrcnn_resnet18_fpn', backbone: nope.pt}", "'teacher.backbone' file not"),
+    ):
+        (tmp_path / "b.yaml").write_text(text + "\nmethods: [{name: a, kind: alone}]")
+        with pytest.raises(DetkdError, match=message):
+            load_profile(tmp_path / "b.yaml")
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher: {model: 'torchvision:fasterrcnn_resnet7_fpn'}\nmethods: [{name: a, kind: alone}]")
     with pytest.raises(DetkdError, match=r"bad.yaml: 'teacher.model' torchvision:fasterrcnn_resnet7_fpn: unknown arch"):

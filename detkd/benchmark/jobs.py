@@ -241,9 +241,10 @@ def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) 
         ckpt = Path(t.checkpoint)
         run_dir = out / "teacher" / f"{ckpt.stem}_{_digest(str(ckpt.resolve()), ckpt.stat().st_mtime)}"
         return Job("teacher", seed, str(run_dir), str(ckpt), None, None, str(eval_data), b.imgsz)
-    key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, b.batch, seed, b.train)
+    backbone = [t.backbone] if t.backbone else []  # in the key only when set: earlier teachers keep theirs
+    key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, b.batch, seed, b.train, *backbone)
     run_dir = out / "teacher" / f"{Path(t.model.replace(':', '_')).stem}_e{t.epochs}_{key}"
-    train = _train_args(profile, data_yaml, seed, run_dir, t.epochs)
+    train = _train_args(profile, data_yaml, seed, run_dir, t.epochs) | ({"backbone": t.backbone} if backbone else {})
     return Job("teacher", seed, str(run_dir), t.model, train, None, str(eval_data), b.imgsz)
 
 
@@ -289,7 +290,8 @@ def _train(job: Job) -> Path:
 
         a = job.train
         keys = {k: a[k] for k in ("epochs", "imgsz", "batch", "workers", "seed")}
-        return train_teacher(arch, a["data"], out=job.run_dir, device=a.get("device"), **keys)
+        extra = {k: a.get(k) for k in ("device", "backbone")}
+        return train_teacher(arch, a["data"], out=job.run_dir, **extra, **keys)
     run_dir = Path(job.run_dir)
     last = run_dir / "weights" / "last.pt"
     if last.is_file() and training_finished(last):  # kept by the parent: this job, cut after training ended

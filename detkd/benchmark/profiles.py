@@ -102,6 +102,9 @@ class TeacherSpec:
     # clearly better than the student can become, as a fine-tuned pretrained teacher does; synthetic scenes are a
     # pure function of (seed, split, index), so a larger set with the same seed holds the students' scenes.
     data: DataSpec | None = None
+    # torchvision:ARCH with a ResNet backbone: start it from these classifier weights (tools/crops_backbone.py where no
+    # ImageNet weights can be had; ``detkd teacher train --backbone-weights``)
+    backbone: str | None = None
 
 
 @dataclass
@@ -192,6 +195,7 @@ def _resolve_paths(profile: Profile, base: Path) -> None:
         if data is not None:
             data.yaml = _resolve(base, data.yaml)
     profile.teacher.checkpoint = _resolve(base, profile.teacher.checkpoint)
+    profile.teacher.backbone = _resolve(base, profile.teacher.backbone)
     for m in profile.methods:
         m.recipe = _resolve_recipe(base, m.recipe)
         if m.init and m.init.get("source"):
@@ -234,6 +238,13 @@ def _check_profile(profile: Profile, source: str) -> None:
             torchvision.check_architecture(teacher.model.removeprefix(torchvision.NAME_PREFIX))
         except DetkdError as e:
             raise DetkdError(f"{source}: 'teacher.model' {e}") from None
+    if teacher.backbone and not teacher.model.startswith(torchvision.NAME_PREFIX):
+        raise DetkdError(f"{source}: 'teacher.backbone' is for a torchvision:ARCH teacher")
+    if teacher.backbone and not teacher.checkpoint and not Path(teacher.backbone).is_file():
+        raise DetkdError(
+            f"{source}: 'teacher.backbone' file not found: {teacher.backbone} (make it with python "
+            "tools/crops_backbone.py --out FILE)"
+        )
     if reserved := sorted(set(profile.budget.train) & _SET_BY_THE_BENCHMARK):
         raise DetkdError(f"{source}: 'budget.train.{reserved[0]}' is set by the benchmark (use budget/teacher keys)")
     if not profile.seeds:
