@@ -118,7 +118,7 @@ def test_unknown_profile_lists_the_built_in_ones():
         load_profile("nope")
     assert str(e.value) == (
         "nope: neither a benchmark profile file nor a built-in benchmark profile (built-in benchmark profiles: "
-        "chain, converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer, unlabeled)"
+        "capped, chain, converged, cpu, frcnn, gpu, gpu_full, quick, recipe_screen, scale_gap, transfer, unlabeled)"
     )
 
 
@@ -133,6 +133,8 @@ def test_methods_are_described_by_what_they_train():
     assert said["transfer"] == "no distillation" + selected
     assert said["recommended+gate"].endswith(", gate teacher_better") and said["alone"] == "the student alone"
     assert describe_method(load_profile("chain").methods[2], "yolov8n.yaml").endswith("; through yolov8s")
+    stop = describe_method(load_profile("capped").methods[-1], "yolov8n.yaml")
+    assert stop == "soft class targets ×2 + box distillation ×8, off for the last 20 epochs"
     unlabeled = {m.name: describe_method(m, "yolov8n.yaml") for m in load_profile("unlabeled").methods}
     assert unlabeled["ceiling"] == "the student alone, on every training image, fully labeled"
     assert unlabeled["distilled+unlabeled"].endswith("; with unlabeled images (1 per labeled one)")

@@ -328,6 +328,7 @@ def describe_method(method: Method, student: str) -> str:
     gates = {c.gate for c in (d.logit, d.box) if c.gate != "none"}
     text += f", gate {', '.join(sorted(gates))}" if gates else ""
     text += f", {d.schedule.decay} decay" if d.schedule.decay != "none" else ""
+    text += f", off for the last {d.schedule.stop_last_epochs} epochs" if d.schedule.stop_last_epochs else ""
     if r.init.source == TEACHER_PLACEHOLDER:
         text += "; starts from the teacher's weights (weight selection)"
     elif r.init.source:
