@@ -335,5 +335,7 @@ def describe_method(method: Method, student: str) -> str:
         text += f"; starts from {Path(r.init.source).name} ({r.init.kind})"
     text += f"; through {' → '.join(Path(c).stem for c in r.chain)}" if r.chain else ""
     if r.unlabeled is not None:
-        text += f"; with unlabeled images ({r.unlabeled.ratio:g} per labeled one)"
+        text += f"; with unlabeled images ({r.unlabeled.ratio:g} per labeled one"
+        pseudo = r.unlabeled.pseudo
+        text += f", the teacher's detections ≥ {pseudo.conf:g} their boxes)" if pseudo is not None else ")"
     return text
