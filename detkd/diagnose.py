@@ -99,8 +99,9 @@ def _run_verdict(m: dict, errors: list[Finding], warnings: list[Finding]) -> str
         return "the run has a problem to fix (marked ✗)"
     if m.get("gain") is None:
         return "no run of the student alone to compare with (give --baseline RUN_DIR)"
-    gain = m["gain"]
-    what = "the recipe (transferred weights and distillation)" if m.get("transferred") else "distillation"
+    gain, distilled = m["gain"], bool(m["terms"])
+    what = {(True, True): "the recipe (transferred weights and distillation)", (True, False): "the transferred weights"}
+    what = what.get((bool(m.get("transferred")), distilled), "distillation")
     return f"{what} {'helped' if gain > 0 else 'did not help'}: {gain:+.4f} mAP50-95 over the student alone"
 
 

@@ -12,9 +12,10 @@ With ``weights`` it fine-tunes instead of starting from scratch, as torchvision'
 detector's weights (COCO's, say), its box predictor (sized and ordered for the weights' own classes) replaced by a
 new one for the data's classes. With ``backbone`` only the backbone starts trained: a torchvision ResNet
 classifier's weights (ImageNet's, or ``tools/crops_backbone.py``'s on synthetic object crops, where none can be
-downloaded), as torchvision's ``weights_backbone`` does. Either way the backbone's batch norms are kept as they are
-(torchvision's builders freeze them as ``FrozenBatchNorm2d`` when they load weights: statistics of a few letterboxed
-images would be noise).
+downloaded), as torchvision's ``weights_backbone`` does. Either way the backbone's batch norms are kept as they are,
+as torchvision's v1 builders freeze them (``FrozenBatchNorm2d``) when they load weights: statistics of a few
+letterboxed images would be noise (its ``_v2`` builders keep them trainable, for their large-batch recipe). Unlike
+torchvision, every other backbone layer trains (it freezes ``conv1`` and ``layer1`` by default).
 
 ``OUT`` receives ``weights/last.pt`` (the training state, written atomically after each epoch; running the same
 command again resumes from it), ``results.csv`` (per epoch: time, losses, COCO AP on the val split through
@@ -162,7 +163,9 @@ def train_teacher(
         raise DetkdError(f"teacher train: need epochs >= 1, batch >= 1, imgsz a multiple of 32 (got {imgsz})")
     if weights is not None and backbone is not None:
         raise DetkdError("teacher train: give --weights (a whole detector) or --backbone-weights, not both")
-    source = None if weights is None else str(Path(weights).resolve() if Path(weights).is_file() else weights)
+    # a weights name (COCO_V1) is kept as it is; a file by its absolute path, so that a resume without it still matches
+    named = weights is not None and not Path(weights).suffix and os.sep not in str(weights) and "/" not in str(weights)
+    source = None if weights is None else str(weights) if named else str(Path(weights).resolve())
     body = None if backbone is None else str(Path(backbone).resolve())
     settings = TeacherTraining(arch, str(Path(data).resolve()), epochs, imgsz, batch, lr, seed, source, body)
     out = Path(out)

@@ -215,6 +215,9 @@ def test_a_run_that_led_then_fell_behind_names_the_epoch(tmp_path):
     (tmp_path / "short_s0" / "transfer.json").write_text(json.dumps({"fraction_from_source": 0.98}))
     both = diagnose_run(tmp_path / "short_s0", tmp_path / "alone_s0")
     assert both.verdict.startswith("the recipe (transferred weights and distillation) helped: +0.0500")
+    plain = _results(tmp_path / "transfer_s0", [0.2, 0.3, 0.35])  # weights transferred, nothing distilled
+    (plain / "transfer.json").write_text(json.dumps({"fraction_from_source": 0.98}))
+    assert diagnose_run(plain, tmp_path / "alone_s0").verdict.startswith("the transferred weights helped: +0.0500")
 
 
 def test_a_run_whose_terms_did_not_fall_and_cli(tmp_path):

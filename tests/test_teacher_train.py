@@ -134,6 +134,11 @@ def test_fine_tuning_keeps_the_weights_but_the_predictor_and_freezes_backbone_no
         torch.testing.assert_close(tuned[frozen], coco[frozen])
     assert not torch.equal(tuned["backbone.body.conv1.weight"], coco["backbone.body.conv1.weight"])  # trained
     assert not torch.equal(tuned["rpn.head.conv.0.0.weight"], coco["rpn.head.conv.0.0.weight"])
+    (tmp_path / "coco.pt").unlink()  # the same command again finds its run done, without the weights file
+    again = train_teacher(
+        ARCH, few_scenes, 1, 64, tmp_path / "ft", batch=8, device="cpu", workers=0, weights=tmp_path / "coco.pt"
+    )
+    assert again == out
 
     torch.save(build_model("fasterrcnn_mobilenet_v3_large_fpn", 91).state_dict(), tmp_path / "other.pt")
     with pytest.raises(DetkdError, match=r"other.pt: weights do not fit the architecture: lacks backbone"):

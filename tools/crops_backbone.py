@@ -15,6 +15,7 @@ Prints the val top-1 accuracy after every epoch; the file is written (atomically
 """
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from detkd.ultralytics_internals import progress_bar
 from detkd.utils import atomic_write
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # GeneralizedRCNNTransform's defaults
-ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = ("resnet18", "resnet50")  # the ResNet bodies of detkd's Faster R-CNN architectures
 
 
 def loaders(folder: Path, imgsz: int, batch: int, workers: int, seed: int):
@@ -59,7 +60,10 @@ def train(args: argparse.Namespace) -> Path:
 
     if args.arch not in ARCHS:
         raise DetkdError(f"--arch {args.arch}: one of {', '.join(ARCHS)}")
-    crops = Path(args.out).with_suffix("") / "crops"  # beside the weights file
+    if args.epochs < 1 or args.per_class < 1:
+        raise DetkdError("--epochs and --per-class must be at least 1")
+    crops = Path(args.out).with_suffix("") / "crops"  # beside the weights file, made anew: no stale crops
+    shutil.rmtree(crops, ignore_errors=True)
     folder = generate_crops(crops, args.per_class, max(args.per_class // 5, 1), args.seed, args.imgsz)
     train_loader, val_loader = loaders(folder, args.imgsz, args.batch, args.workers, args.seed)
     torch.manual_seed(args.seed)

@@ -3,13 +3,17 @@
 # each stage under its own time limit, its results copied under $OUT as they come, so a cut stage still returns
 # what it finished; every stage's output in $OUT/session.log (the call returns at most 8 files).
 #
-#   run(command="bash tools/gpu_session.sh setup deploy gpu", carry=[".whl", "runs/carry"], timeout_s=600)
+#   run(command="bash tools/gpu_session.sh setup deploy", carry=[".whl", "runs/carry"], timeout_s=300)
+#   run(command="bash tools/gpu_session.sh setup gpu", carry=[".whl", "runs/carry"], timeout_s=600)
 #
-#   setup    install the carried wheels (.whl/) into /tmp/site; versions and the GPU         (limit  90 s)
+#   setup    install the carried wheels (.whl/) into /tmp/site; versions and the GPU         (limit  60 s)
 #   deploy   deployment issue: tools/deploy_report.py at 640 px on the GPU (speed table, exports'
 #            parity, video against the speed table: the 20 % criterion)                      (limit 150 s)
-#   gpu      convergence issue: the `gpu` benchmark profile, nine runs side by side, with the
-#            teacher carried in runs/carry/gpu_teacher.pt (else trained there first)          (limit 330 s)
+#   gpu      convergence issue: the `gpu` benchmark profile, nine runs side by side (≈ 6-7 min
+#            estimated), with its teacher carried in runs/carry/gpu_teacher.pt (required)     (limit 480 s)
+# deploy and gpu do not fit one call together; with 15 minutes of device time a session, start-ups included,
+# expect one of the two, or both only if the machine stays warm between the calls (it waits 30 s).
+# Exit status: the number of stages that failed or were cut.
 #
 # Prepared on the CPU machine (this checkout), once:
 #   echo /.whl/ >> .git/info/exclude      # then, for Python 3.12 (the GPU machine's), the packages it lacks:
@@ -33,26 +37,35 @@ FRAMES=${FRAMES:-300}
 PROFILE=${PROFILE:-gpu}
 STUDENT=${STUDENT:-runs/carry/student.pt}
 TEACHER=${TEACHER:-docs/benchmarks/converged/teacher/teacher.pt}
+DEPLOY_FILES="/tmp/deploy/deploy.md /tmp/deploy/deploy.json"
+GPU_FILES="/tmp/bench/results.md /tmp/bench/results.json /tmp/bench/map_vs_epoch.png"
 mkdir -p "$OUT"
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 START=$(date +%s)
+FAILED=0
 
 log() { echo "[$(($(date +%s) - START)) s] $*"; }
 
-# copy FILES into $OUT every 10 s while a stage runs, and once when it ends (a stage cut by its limit still returns them)
-keep_copying() {
-  while true; do for f in "$@"; do [ -f "$f" ] && cp "$f" "$OUT/"; done; sleep 10; done
+collect() {  # copy FILES into $OUT whole: through a temporary name, so that a kill never leaves half a file there
+  for f in "$@"; do
+    [ -f "$f" ] && cp "$f" "$OUT/.partial" && mv "$OUT/.partial" "$OUT/$(basename "$f")"
+  done
 }
 
-stage() {  # stage NAME LIMIT_S COMMAND...: the command's output appended to $OUT/session.log, its exit status logged
-  local name=$1 limit=$2 status
-  shift 2
+keep_copying() {  # collect FILES every 10 s while a stage runs (a stage cut by its limit still returns them)
+  while true; do collect "$@"; sleep 10; done
+}
+
+stage() {  # stage NAME LIMIT_S FILES COMMAND...: output appended to $OUT/session.log, FILES collected at the end
+  local name=$1 limit=$2 files=$3 status
+  shift 3
   log "$name: start (limit ${limit} s)" | tee -a "$OUT/session.log"
-  timeout --kill-after=10 "$limit" "$@" > "/tmp/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >> "$OUT/session.log" 2>&1
   status=$?
-  cat "/tmp/$name.log" >> "$OUT/session.log"
-  log "$name: exit $status$([ $status = 124 ] && echo ': cut at its limit')" | tee -a "$OUT/session.log"
-  tail -n 25 "/tmp/$name.log"
+  collect $files
+  [ $status = 0 ] || FAILED=$((FAILED + 1))
+  log "$name: exit $status$( ( [ $status = 124 ] || [ $status = 137 ] ) && echo ': cut at its limit')" \
+    | tee -a "$OUT/session.log"
 }
 
 setup() {
@@ -67,35 +80,36 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', 'ultralytic
 deploy() {
   python3 -m detkd.cli synth --out /tmp/deploy_data --train 32 --val 100 --imgsz "$IMGSZ" > /dev/null || return 1
   python3 -m detkd.cli synth --video /tmp/traffic.mp4 --frames "$FRAMES" --imgsz "$IMGSZ" > /dev/null || return 1
-  keep_copying /tmp/deploy/deploy.md /tmp/deploy/deploy.json &
-  local copier=$!
+  keep_copying $DEPLOY_FILES &
+  trap "kill $! 2> /dev/null" EXIT  # the copier ends with the stage (a cut one: timeout kills the whole group)
   python3 tools/deploy_report.py "$STUDENT" "$TEACHER" --data /tmp/deploy_data/data.yaml --footage /tmp/traffic.mp4 \
     --imgsz "$IMGSZ" --device "$DEVICE" --formats onnx --out /tmp/deploy
-  local status=$?
-  kill "$copier"; cp /tmp/deploy/deploy.md /tmp/deploy/deploy.json "$OUT/" 2> /dev/null
-  return $status
 }
 
 gpu() {
   local teacher=()
-  [ -f runs/carry/gpu_teacher.pt ] && teacher=(--teacher runs/carry/gpu_teacher.pt)
-  keep_copying /tmp/bench/results.md /tmp/bench/results.json /tmp/bench/map_vs_epoch.png &
-  local copier=$!
+  if [ -f runs/carry/gpu_teacher.pt ]; then
+    teacher=(--teacher runs/carry/gpu_teacher.pt)
+  elif [ "$PROFILE" = gpu ]; then  # training it there would take most of the stage's limit
+    echo "gpu: no runs/carry/gpu_teacher.pt: train the gpu profile's teacher on the CPU machine first (see the header)"
+    return 3
+  fi
+  keep_copying $GPU_FILES &
+  trap "kill $! 2> /dev/null" EXIT
   python3 -m detkd.cli benchmark --profile "$PROFILE" --out /tmp/bench "${teacher[@]}"
-  local status=$?
-  kill "$copier"; cp /tmp/bench/results.md /tmp/bench/results.json /tmp/bench/map_vs_epoch.png "$OUT/" 2> /dev/null
-  return $status
 }
 
 # the stages run as `bash -c NAME` under timeout, which cannot run a function of this shell itself
-export OUT DEVICE IMGSZ FRAMES PROFILE STUDENT TEACHER START
-export -f log keep_copying setup deploy gpu
+export OUT DEVICE IMGSZ FRAMES PROFILE STUDENT TEACHER START DEPLOY_FILES GPU_FILES
+export -f log collect keep_copying setup deploy gpu
 for name in "$@"; do
   case $name in
-    setup) stage setup "${SETUP_LIMIT:-90}" bash -c setup ;;
-    deploy) stage deploy "${DEPLOY_LIMIT:-150}" bash -c deploy ;;
-    gpu) stage gpu "${GPU_LIMIT:-330}" bash -c gpu ;;
+    setup) stage setup "${SETUP_LIMIT:-60}" "" bash -c setup ;;
+    deploy) stage deploy "${DEPLOY_LIMIT:-150}" "$DEPLOY_FILES" bash -c deploy ;;
+    gpu) stage gpu "${GPU_LIMIT:-480}" "$GPU_FILES" bash -c gpu ;;
     *) echo "gpu_session.sh: unknown stage '$name' (setup, deploy, gpu)" >&2; exit 2 ;;
   esac
 done
-log "done"
+log "done: $FAILED stage(s) failed or cut"
+tail -n 40 "$OUT/session.log"
+exit "$FAILED"

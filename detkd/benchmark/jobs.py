@@ -241,7 +241,8 @@ def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) 
         ckpt = Path(t.checkpoint)
         run_dir = out / "teacher" / f"{ckpt.stem}_{_digest(str(ckpt.resolve()), ckpt.stat().st_mtime)}"
         return Job("teacher", seed, str(run_dir), str(ckpt), None, None, str(eval_data), b.imgsz)
-    backbone = [t.backbone] if t.backbone else []  # in the key only when set: earlier teachers keep theirs
+    # in the key only when set (earlier teachers keep theirs), with its time: tools/crops_backbone.py rewrites the file
+    backbone = [t.backbone, Path(t.backbone).stat().st_mtime] if t.backbone else []
     key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, b.batch, seed, b.train, *backbone)
     run_dir = out / "teacher" / f"{Path(t.model.replace(':', '_')).stem}_e{t.epochs}_{key}"
     train = _train_args(profile, data_yaml, seed, run_dir, t.epochs) | ({"backbone": t.backbone} if backbone else {})

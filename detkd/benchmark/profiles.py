@@ -94,7 +94,7 @@ class DataSpec:
 @dataclass
 class TeacherSpec:
     # trained by the benchmark for ``epochs`` at the budget's image size and batch: an Ultralytics model config, or
-    # torchvision:ARCH, a torchvision two-stage detector trained from scratch by detkd.teacher_train
+    # torchvision:ARCH, a torchvision two-stage detector trained by detkd.teacher_train (from scratch, or ``backbone``)
     model: str = "yolov8s.yaml"
     epochs: int = 30
     checkpoint: str | None = None  # use this checkpoint instead of training one
@@ -331,11 +331,11 @@ def describe_method(method: Method, student: str) -> str:
     text += f", off for the last {d.schedule.stop_last_epochs} epochs" if d.schedule.stop_last_epochs else ""
     if r.init.source == TEACHER_PLACEHOLDER:
         text += "; starts from the teacher's weights (weight selection)"
-    elif r.init.source:
-        text += f"; starts from {Path(r.init.source).name} ({r.init.kind})"
+    elif r.init.source:  # the run folder names a checkpoint better than its file name (best.pt)
+        text += f"; starts from {'/'.join(Path(r.init.source).parts[-3:])} ({r.init.kind})"
     text += f"; through {' → '.join(Path(c).stem for c in r.chain)}" if r.chain else ""
     if r.unlabeled is not None:
         text += f"; with unlabeled images ({r.unlabeled.ratio:g} per labeled one"
         pseudo = r.unlabeled.pseudo
-        text += f", the teacher's detections ≥ {pseudo.conf:g} their boxes)" if pseudo is not None else ")"
+        text += f"; boxes: the teacher's detections ≥ {pseudo.conf:g})" if pseudo is not None else ")"
     return text
