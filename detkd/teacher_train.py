@@ -181,11 +181,12 @@ def train_teacher(
     names = {i + 1: c.name for i, c in enumerate(categories)}
     dev = select_device(device or "", verbose=False)
     torch.manual_seed(seed)
-    model = build_model(arch, len(names) + 1)
     if state is None and weights is not None:  # a resumed run's weights come from its own state
         model = _fine_tuned(arch, weights, len(names) + 1)
-    elif state is None and backbone is not None:
-        _load_backbone(model, backbone)
+    else:
+        model = build_model(arch, len(names) + 1)
+        if state is None and backbone is not None:
+            _load_backbone(model, backbone)
     pretrained = weights is not None or backbone is not None
     model.transform.min_size, model.transform.max_size = (imgsz,), imgsz  # its resize: a no-op on letterboxed input
     model.roi_heads.fg_bg_sampler.batch_size_per_image = ROIS_PER_IMAGE
