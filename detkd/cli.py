@@ -214,6 +214,13 @@ def _diagnose(args) -> None:
         print(f"diagnosis: {save_json(diagnosis.to_json(), args.out)}")
 
 
+def _teacher_backbone(args) -> None:
+    from detkd.backbone_pretrain import CropsPretraining, pretrain_backbone
+
+    settings = CropsPretraining(args.arch, args.epochs, args.per_class, args.imgsz, args.batch, args.seed)
+    print(f"backbone: {pretrain_backbone(args.out, settings, workers=args.workers)}")
+
+
 def _teacher_train(args) -> None:
     import json
 
@@ -322,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone-weights",
         default=None,
         help="start the backbone from a torchvision ResNet classifier's state dict file (ImageNet's, or "
-        "tools/crops_backbone.py's), its batch norms frozen",
+        "detkd teacher backbone's), its batch norms frozen",
     )
     p.add_argument("--data", required=True, help="YOLO data .yaml or COCO instances .json (train and val splits)")
     p.add_argument("--epochs", type=int, required=True)
@@ -334,6 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate at batch 16 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.set_defaults(func=_teacher_train)
+    p = teacher.add_parser(
+        "backbone", help="train a ResNet classifier on synthetic object crops: --backbone-weights without ImageNet"
+    )
+    p.add_argument("--out", required=True, help="state dict file for detkd teacher train --backbone-weights")
+    p.add_argument(
+        "--arch", default="resnet18", help="resnet18 or resnet50: the detector's ResNet (default: %(default)s)"
+    )
+    p.add_argument("--epochs", type=int, default=6, help="(default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=300, help="training crops per class (default: %(default)s)")
+    p.add_argument("--imgsz", type=int, default=64, help="crop size (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.set_defaults(func=_teacher_backbone)
 
     p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats) or footage (MP4)")
     p.add_argument("--out", help="output folder of a scene set")

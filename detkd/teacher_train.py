@@ -11,7 +11,7 @@ it (:class:`~detkd.adapters.torchvision.TorchvisionAdapter` bypasses the resize)
 With ``weights`` it fine-tunes instead of starting from scratch, as torchvision's fine-tuning tutorial does: a
 detector's weights (COCO's, say), its box predictor (sized and ordered for the weights' own classes) replaced by a
 new one for the data's classes. With ``backbone`` only the backbone starts trained: a torchvision ResNet
-classifier's weights (ImageNet's, or ``tools/crops_backbone.py``'s on synthetic object crops, where none can be
+classifier's weights (ImageNet's, or :mod:`detkd.backbone_pretrain`'s on synthetic object crops, where none can be
 downloaded), as torchvision's ``weights_backbone`` does. Either way the backbone's batch norms are kept as they are,
 as torchvision's v1 builders freeze them (``FrozenBatchNorm2d``) when they load weights: statistics of a few
 letterboxed images would be noise (its ``_v2`` builders keep them trainable, for their large-batch recipe). Unlike

@@ -357,28 +357,60 @@ def test_a_run_cut_after_an_epoch_resumes_instead_of_starting_over(synth_data, t
     assert (run / "results.csv").stat().st_mtime_ns == stamp
 
 
+def test_a_crops_backbone_is_pretrained_once_in_the_teachers_run(synth_data, tmp_path, monkeypatch):
+    """``teacher: {backbone: crops}``: the teacher's job first trains the ResNet on object crops (with the profile's
+    seed) into its own folder, then starts the teacher from it; a resumed job finds it trained and goes on."""
+    import detkd.teacher_train
+    from detkd.benchmark import jobs
+
+    pretrained, trained = [], []
+
+    def pretrain(out, settings, workers):
+        pretrained.append(settings)
+        Path(out).write_bytes(b"weights")
+
+    monkeypatch.setattr(jobs, "pretrain_backbone", pretrain)
+    monkeypatch.setattr(detkd.teacher_train, "train_teacher", lambda arch, data, **kw: trained.append(kw["backbone"]))
+    profile = load_profile("frcnn")
+    profile.data, profile.seeds = DataSpec(yaml=str(synth_data)), [3]
+    teacher = Bench.prepare(profile, tmp_path).teacher
+    Path(teacher.run_dir).mkdir(parents=True)  # as jobs.run_in_child makes it
+    jobs._train(teacher)
+    jobs._train(teacher)
+    assert [(s.arch, s.seed) for s in pretrained] == [("resnet18", 3)]
+    assert trained == [Path(teacher.run_dir) / "crops_backbone.pt"] * 2
+
+
 def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_stage(synth_data, tmp_path):
     profile = load_profile("frcnn")
     assert profile.teacher.model == "torchvision:fasterrcnn_resnet18_fpn" and profile.baseline == "alone"
     profile.data = DataSpec(yaml=str(synth_data))  # no generation of the profile's scenes
     bench = Bench.prepare(profile, tmp_path)
     assert bench.teacher.checkpoint == Path(bench.teacher.run_dir) / "teacher.pt"  # what detkd teacher train writes
-    assert Path(bench.teacher.run_dir).name.startswith("torchvision_fasterrcnn_resnet18_fpn_e40_")
+    assert Path(bench.teacher.run_dir).name.startswith("torchvision_fasterrcnn_resnet18_fpn_e6_")
+    assert bench.teacher.train["backbone"] == "crops" and bench.teacher.train["batch"] == 8  # teacher.batch
     jobs = {m.name: bench.job(m, 0) for m in profile.methods}
     assert all(j.recipe["teacher"] == str(bench.teacher.checkpoint) for n, j in jobs.items() if n != "alone")
     assert "second_stage" not in jobs["features"].recipe["distill"]  # at its defaults: left out of the cache key
     assert jobs["features+cls"].recipe["distill"]["second_stage"]["cls_weight"] == 1.0
     assert jobs["frcnn"].recipe["distill"] == load_recipe("frcnn").to_dict()["distill"]
 
-    # a backbone for the teacher (tools/crops_backbone.py): passed to detkd teacher train, and a teacher of its own
+    # a backbone file for the teacher (detkd teacher backbone), or none: passed to detkd teacher train, each a
+    # teacher of its own
     (tmp_path / "crops.pt").write_bytes(b"")
     profile.teacher.backbone = str(tmp_path / "crops.pt")
     started = Bench.prepare(profile, tmp_path).teacher
     assert started.train["backbone"] == str(tmp_path / "crops.pt") and started.run_dir != bench.teacher.run_dir
-    assert "backbone" not in bench.teacher.train
+    profile.teacher.backbone = None
+    scratch = Bench.prepare(profile, tmp_path).teacher
+    assert "backbone" not in scratch.train and scratch.run_dir not in (started.run_dir, bench.teacher.run_dir)
     for text, message in (
         ("teacher: {model: yolov8s.yaml, backbone: crops.pt}", "'teacher.backbone' is for a torchvision:ARCH teacher"),
         ("teacher: {model: 'torchvision:fasterrcnn_resnet18_fpn', backbone: nope.pt}", "'teacher.backbone' file not"),
+        (
+            "teacher: {model: 'torchvision:fasterrcnn_mobilenet_v3_large_fpn', backbone: crops}",
+            "'teacher.backbone: crops': torchvision:fasterrcnn_mobilenet_v3_large_fpn: its backbone is not a ResNet",
+        ),
     ):
         (tmp_path / "b.yaml").write_text(text + "\nmethods: [{name: a, kind: alone}]")
         with pytest.raises(DetkdError, match=message):

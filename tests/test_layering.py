@@ -25,6 +25,7 @@ LAYERS = [
         "detkd.transfer",
         "detkd.export",
         "detkd.teacher_train",
+        "detkd.backbone_pretrain",
         "detkd.video",
         "detkd.speed",
         "detkd.pseudo_label",

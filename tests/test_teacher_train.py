@@ -8,7 +8,6 @@ import csv
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -146,23 +145,17 @@ def test_fine_tuning_keeps_the_weights_but_the_predictor_and_freezes_backbone_no
 
 
 def test_a_backbone_pretrained_on_crops_starts_the_teacher(few_scenes, tmp_path):
-    """``tools/crops_backbone.py`` trains a ResNet-18 classifier on synthetic object crops; ``--backbone-weights``
+    """``detkd teacher backbone`` trains a ResNet-18 classifier on synthetic object crops; ``--backbone-weights``
     starts a teacher's ResNet backbone from it (its fc dropped, its batch norms frozen). A backbone that is not a
     ResNet, or both kinds of weights at once, are one line each."""
     from detkd.teacher_train import train_teacher
 
     weights = tmp_path / "crops_resnet18.pt"
-    tool = [sys.executable, "tools/crops_backbone.py", "--out", weights, "--epochs", "1", "--per-class", "4"]
-    done = subprocess.run(
-        [*map(str, tool), "--imgsz", "32", "--batch", "16", "--workers", "0"],
-        env=detkd_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parents[1],
-    )
+    args = ("--epochs", 1, "--per-class", 4, "--imgsz", 32, "--batch", 16, "--workers", 0)
+    done = _detkd("teacher", "backbone", "--out", weights, *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "epoch 1/1: val top-1 " in done.stdout and (tmp_path / "crops_resnet18" / "crops" / "val").is_dir()
+    assert "epoch 1/1: val top-1 " in done.stdout and f"backbone: {weights}" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops_resnet18.pt"]  # the crops made for it are gone
     classifier = torch.load(weights, weights_only=True)
     assert classifier["fc.weight"].shape == (8, 512)
 
@@ -175,6 +168,10 @@ def test_a_backbone_pretrained_on_crops_starts_the_teacher(few_scenes, tmp_path)
         train_teacher("fasterrcnn_mobilenet_v3_large_fpn", few_scenes, 1, 64, tmp_path / "m", backbone=weights)
     with pytest.raises(DetkdError, match="give --weights .* or --backbone-weights, not both"):
         train_teacher(ARCH, few_scenes, 1, 64, tmp_path / "b", backbone=weights, weights=weights)
+    refused = _detkd("teacher", "backbone", "--out", tmp_path / "x.pt", "--arch", "vgg16", cwd=tmp_path)
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1].endswith(
+        "crops backbone: arch 'vgg16': one of resnet18, resnet50"
+    )
 
 
 def test_teacher_train_writes_a_checkpoint_that_loads_and_resumes(trained_teacher):

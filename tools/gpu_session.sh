@@ -5,14 +5,17 @@
 #
 #   run(command="bash tools/gpu_session.sh setup deploy", carry=[".whl", "runs/carry"], timeout_s=300)
 #   run(command="bash tools/gpu_session.sh setup gpu", carry=[".whl", "runs/carry"], timeout_s=600)
+#   run(command="bash tools/gpu_session.sh setup frcnn", carry=[".whl"], timeout_s=600)
 #
 #   setup    install the carried wheels (.whl/) into /tmp/site; versions and the GPU         (limit  60 s)
 #   deploy   deployment issue: tools/deploy_report.py at 640 px on the GPU (speed table, exports'
 #            parity, video against the speed table: the 20 % criterion)                      (limit 150 s)
 #   gpu      convergence issue: the `gpu` benchmark profile, nine runs side by side (≈ 6-7 min
 #            estimated), with its teacher carried in runs/carry/gpu_teacher.pt (required)     (limit 480 s)
-# deploy and gpu do not fit one call together; with 15 minutes of device time a session, start-ups included,
-# expect one of the two, or both only if the machine stays warm between the calls (it waits 30 s).
+#   frcnn    Faster R-CNN issue: the `frcnn` benchmark profile, its teacher trained there first (crops
+#            backbone, then 6 epochs), then its nine student runs side by side              (limit 480 s)
+# deploy, gpu and frcnn do not fit one call together; with 15 minutes of device time a session, start-ups
+# included, expect one of them, or two only if the machine stays warm between the calls (it waits 30 s).
 # Exit status: the number of stages that failed or were cut.
 #
 # Prepared on the CPU machine (this checkout), once:
@@ -26,19 +29,23 @@
 #   mkdir -p runs/carry && cp runs/bench/converged/runs/alone_s0/weights/best.pt runs/carry/student.pt
 #   cp runs/bench/gpu/teacher/*/weights/best.pt runs/carry/gpu_teacher.pt   # if trained here beforehand (≈ 1 h)
 # Rehearse it here first, tiny and on the CPU (what each stage does, not how long it takes there):
-#   OUT=/tmp/gs DEVICE=cpu IMGSZ=64 FRAMES=20 PROFILE=tiny.yaml bash tools/gpu_session.sh setup deploy gpu
-#   (tiny.yaml: a profile of a few 64 px scenes and one epoch; here setup fails on the Python 3.12 wheels, harmless;
-#   SETUP_LIMIT, DEPLOY_LIMIT, GPU_LIMIT change a stage's limit, e.g. to see a cut stage return its results)
+#   OUT=/tmp/gs DEVICE=cpu IMGSZ=64 FRAMES=20 PROFILE=tiny.yaml FRCNN_PROFILE=tiny_frcnn.yaml \
+#     bash tools/gpu_session.sh setup deploy gpu frcnn
+#   (tiny*.yaml: profiles of a few 64 px scenes and one epoch; here setup fails on the Python 3.12 wheels, harmless;
+#   SETUP_LIMIT, DEPLOY_LIMIT, GPU_LIMIT, FRCNN_LIMIT change a stage's limit, e.g. to see a cut stage return its
+#   results)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
 DEVICE=${DEVICE:-0}
 IMGSZ=${IMGSZ:-640}
 FRAMES=${FRAMES:-300}
 PROFILE=${PROFILE:-gpu}
+FRCNN_PROFILE=${FRCNN_PROFILE:-frcnn}
 STUDENT=${STUDENT:-runs/carry/student.pt}
 TEACHER=${TEACHER:-docs/benchmarks/converged/teacher/teacher.pt}
 DEPLOY_FILES="/tmp/deploy/deploy.md /tmp/deploy/deploy.json"
 GPU_FILES="/tmp/bench/results.md /tmp/bench/results.json /tmp/bench/map_vs_epoch.png"
+FRCNN_FILES="/tmp/frcnn/results.md /tmp/frcnn/results.json"
 mkdir -p "$OUT"
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -99,15 +106,22 @@ gpu() {
   python3 -m detkd.cli benchmark --profile "$PROFILE" --out /tmp/bench "${teacher[@]}"
 }
 
+frcnn() {  # the teacher first (it trains alone), then the student runs side by side
+  keep_copying $FRCNN_FILES &
+  trap "kill $! 2> /dev/null" EXIT
+  python3 -m detkd.cli benchmark --profile "$FRCNN_PROFILE" --out /tmp/frcnn --parallel 9
+}
+
 # the stages run as `bash -c NAME` under timeout, which cannot run a function of this shell itself
-export OUT DEVICE IMGSZ FRAMES PROFILE STUDENT TEACHER START DEPLOY_FILES GPU_FILES
-export -f log collect keep_copying setup deploy gpu
+export OUT DEVICE IMGSZ FRAMES PROFILE FRCNN_PROFILE STUDENT TEACHER START DEPLOY_FILES GPU_FILES FRCNN_FILES
+export -f log collect keep_copying setup deploy gpu frcnn
 for name in "$@"; do
   case $name in
     setup) stage setup "${SETUP_LIMIT:-60}" "" bash -c setup ;;
     deploy) stage deploy "${DEPLOY_LIMIT:-150}" "$DEPLOY_FILES" bash -c deploy ;;
     gpu) stage gpu "${GPU_LIMIT:-480}" "$GPU_FILES" bash -c gpu ;;
-    *) echo "gpu_session.sh: unknown stage '$name' (setup, deploy, gpu)" >&2; exit 2 ;;
+    frcnn) stage frcnn "${FRCNN_LIMIT:-480}" "$FRCNN_FILES" bash -c frcnn ;;
+    *) echo "gpu_session.sh: unknown stage '$name' (setup, deploy, gpu, frcnn)" >&2; exit 2 ;;
   esac
 done
 log "done: $FAILED stage(s) failed or cut"

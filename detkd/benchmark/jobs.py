@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from detkd.benchmark.profiles import DataSpec, Method, Profile, method_recipe
+from detkd.backbone_pretrain import CropsPretraining, pretrain_backbone, resnet_of
+from detkd.benchmark.profiles import CROPS_BACKBONE, DataSpec, Method, Profile, method_recipe
 from detkd.config import load_recipe
 from detkd.errors import DetkdError
 from detkd.utils import read_results, save_json, write_text
@@ -241,11 +242,17 @@ def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) 
         ckpt = Path(t.checkpoint)
         run_dir = out / "teacher" / f"{ckpt.stem}_{_digest(str(ckpt.resolve()), ckpt.stat().st_mtime)}"
         return Job("teacher", seed, str(run_dir), str(ckpt), None, None, str(eval_data), b.imgsz)
-    # in the key only when set (earlier teachers keep theirs), with its time: tools/crops_backbone.py rewrites the file
-    backbone = [t.backbone, Path(t.backbone).stat().st_mtime] if t.backbone else []
-    key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, b.batch, seed, b.train, *backbone)
+    # in the key only when set (earlier teachers keep theirs): a file with its time (it may be rewritten), the crops
+    # pretraining with its settings
+    if t.backbone == CROPS_BACKBONE:
+        backbone = [t.backbone, _crops_pretraining(t.model, seed).to_dict()]
+    else:
+        backbone = [t.backbone, Path(t.backbone).stat().st_mtime] if t.backbone else []
+    batch = b.batch if t.batch is None else t.batch
+    key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, batch, seed, b.train, *backbone)
     run_dir = out / "teacher" / f"{Path(t.model.replace(':', '_')).stem}_e{t.epochs}_{key}"
-    train = _train_args(profile, data_yaml, seed, run_dir, t.epochs) | ({"backbone": t.backbone} if backbone else {})
+    train = _train_args(profile, data_yaml, seed, run_dir, t.epochs) | {"batch": batch}
+    train |= {"backbone": t.backbone} if backbone else {}
     return Job("teacher", seed, str(run_dir), t.model, train, None, str(eval_data), b.imgsz)
 
 
@@ -291,8 +298,12 @@ def _train(job: Job) -> Path:
 
         a = job.train
         keys = {k: a[k] for k in ("epochs", "imgsz", "batch", "workers", "seed")}
-        extra = {k: a.get(k) for k in ("device", "backbone")}
-        return train_teacher(arch, a["data"], out=job.run_dir, **extra, **keys)
+        backbone = a.get("backbone")
+        if backbone == CROPS_BACKBONE:  # pretrained first, once: the file is written when it is trained
+            backbone = Path(job.run_dir) / "crops_backbone.pt"
+            if not backbone.is_file():
+                pretrain_backbone(backbone, _crops_pretraining(job.model, a["seed"]), workers=a["workers"])
+        return train_teacher(arch, a["data"], out=job.run_dir, device=a.get("device"), backbone=backbone, **keys)
     run_dir = Path(job.run_dir)
     last = run_dir / "weights" / "last.pt"
     if last.is_file() and training_finished(last):  # kept by the parent: this job, cut after training ended
@@ -308,6 +319,11 @@ def _train(job: Job) -> Path:
         model = YOLO(job.model)
         model.train(**job.train)
     return Path(model.trainer.best)
+
+
+def _crops_pretraining(model: str, seed: int) -> CropsPretraining:
+    """How the benchmark pretrains a ``backbone: crops`` teacher's ResNet (the defaults, the profile's seed)."""
+    return CropsPretraining(resnet_of(_torchvision_arch(model)), seed=seed)
 
 
 def _torchvision_arch(model: str) -> str | None:

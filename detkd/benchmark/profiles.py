@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from detkd.backbone_pretrain import resnet_of
 from detkd.config import (
     AT_LEAST_ONE,
     CONFIGS_DIR,
@@ -42,6 +43,7 @@ PROFILES_DIR = CONFIGS_DIR / "benchmarks"
 # ``init: {source: teacher}`` transfers from the benchmark's teacher: resolved here, since a method that only
 # transfers has no teacher in its recipe
 TEACHER_PLACEHOLDER = INIT_FROM_TEACHER
+CROPS_BACKBONE = "crops"  # ``teacher: {backbone: crops}``: a ResNet the benchmark pretrains on object crops
 UNLABELED_PLACEHOLDER = "unlabeled"  # ``unlabeled: {source: unlabeled}``: the benchmark's unlabeled images
 PSEUDO_CONF = PseudoConfig().conf  # a teacher detection scoring this or more is a pseudo-label (as in recipes)
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # method names become folder names
@@ -97,13 +99,15 @@ class TeacherSpec:
     # torchvision:ARCH, a torchvision two-stage detector trained by detkd.teacher_train (from scratch, or ``backbone``)
     model: str = "yolov8s.yaml"
     epochs: int = 30
+    batch: int | None = field(default=None, metadata=AT_LEAST_ONE)  # default: the budget's
     checkpoint: str | None = None  # use this checkpoint instead of training one
     # Its own training data (default: the students'). A teacher that has seen more data than its student stays
     # clearly better than the student can become, as a fine-tuned pretrained teacher does; synthetic scenes are a
     # pure function of (seed, split, index), so a larger set with the same seed holds the students' scenes.
     data: DataSpec | None = None
-    # torchvision:ARCH with a ResNet backbone: start it from these classifier weights (tools/crops_backbone.py where no
-    # ImageNet weights can be had; ``detkd teacher train --backbone-weights``)
+    # torchvision:ARCH with a ResNet backbone: start it from these classifier weights (``detkd teacher train
+    # --backbone-weights``), or from a classifier the benchmark first trains on synthetic object crops (``crops``:
+    # detkd.backbone_pretrain, the ImageNet stand-in where none can be had)
     backbone: str | None = None
 
 
@@ -195,7 +199,8 @@ def _resolve_paths(profile: Profile, base: Path) -> None:
         if data is not None:
             data.yaml = _resolve(base, data.yaml)
     profile.teacher.checkpoint = _resolve(base, profile.teacher.checkpoint)
-    profile.teacher.backbone = _resolve(base, profile.teacher.backbone)
+    if profile.teacher.backbone != CROPS_BACKBONE:
+        profile.teacher.backbone = _resolve(base, profile.teacher.backbone)
     for m in profile.methods:
         m.recipe = _resolve_recipe(base, m.recipe)
         if m.init and m.init.get("source"):
@@ -240,10 +245,15 @@ def _check_profile(profile: Profile, source: str) -> None:
             raise DetkdError(f"{source}: 'teacher.model' {e}") from None
     if teacher.backbone and not teacher.model.startswith(torchvision.NAME_PREFIX):
         raise DetkdError(f"{source}: 'teacher.backbone' is for a torchvision:ARCH teacher")
-    if teacher.backbone and not teacher.checkpoint and not Path(teacher.backbone).is_file():
+    if teacher.backbone == CROPS_BACKBONE:
+        try:
+            resnet_of(teacher.model.removeprefix(torchvision.NAME_PREFIX))
+        except DetkdError as e:
+            raise DetkdError(f"{source}: 'teacher.backbone: {CROPS_BACKBONE}': {e}") from None
+    elif teacher.backbone and not teacher.checkpoint and not Path(teacher.backbone).is_file():
         raise DetkdError(
-            f"{source}: 'teacher.backbone' file not found: {teacher.backbone} (make it with python "
-            "tools/crops_backbone.py --out FILE)"
+            f"{source}: 'teacher.backbone' file not found: {teacher.backbone} (make one with detkd teacher backbone "
+            f"--out FILE, or say '{CROPS_BACKBONE}' for the benchmark to make it)"
         )
     if reserved := sorted(set(profile.budget.train) & _SET_BY_THE_BENCHMARK):
         raise DetkdError(f"{source}: 'budget.train.{reserved[0]}' is set by the benchmark (use budget/teacher keys)")
