@@ -218,7 +218,7 @@ def _teacher_backbone(args) -> None:
     from detkd.backbone_pretrain import CropsPretraining, pretrain_backbone
 
     settings = CropsPretraining(args.arch, args.epochs, args.per_class, args.imgsz, args.batch, args.seed)
-    print(f"backbone: {pretrain_backbone(args.out, settings, workers=args.workers)}")
+    print(f"backbone: {pretrain_backbone(args.out, settings, workers=args.workers, device=args.device)}")
 
 
 def _teacher_train(args) -> None:
@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, 0 ... (default: Ultralytics' choice)")
     p.set_defaults(func=_teacher_backbone)
 
     p = sub.add_parser("synth", help="generate synthetic traffic scenes (YOLO and COCO formats) or footage (MP4)")

@@ -359,13 +359,14 @@ def test_a_run_cut_after_an_epoch_resumes_instead_of_starting_over(synth_data, t
 
 def test_a_crops_backbone_is_pretrained_once_in_the_teachers_run(synth_data, tmp_path, monkeypatch):
     """``teacher: {backbone: crops}``: the teacher's job first trains the ResNet on object crops (with the profile's
-    seed) into its own folder, then starts the teacher from it; a resumed job finds it trained and goes on."""
+    seed) beside its run folder, then starts the teacher from it; a rerun job (its folder wiped when it was cut
+    before its first epoch ended) finds it trained and goes on."""
     import detkd.teacher_train
     from detkd.benchmark import jobs
 
     pretrained, trained = [], []
 
-    def pretrain(out, settings, workers):
+    def pretrain(out, settings, workers, device):
         pretrained.append(settings)
         Path(out).write_bytes(b"weights")
 
@@ -378,7 +379,8 @@ def test_a_crops_backbone_is_pretrained_once_in_the_teachers_run(synth_data, tmp
     jobs._train(teacher)
     jobs._train(teacher)
     assert [(s.arch, s.seed) for s in pretrained] == [("resnet18", 3)]
-    assert trained == [Path(teacher.run_dir) / "crops_backbone.pt"] * 2
+    weights = Path(teacher.train["backbone"])
+    assert trained == [str(weights)] * 2 and weights.parent == Path(teacher.run_dir).parent
 
 
 def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_stage(synth_data, tmp_path):
@@ -388,7 +390,7 @@ def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_
     bench = Bench.prepare(profile, tmp_path)
     assert bench.teacher.checkpoint == Path(bench.teacher.run_dir) / "teacher.pt"  # what detkd teacher train writes
     assert Path(bench.teacher.run_dir).name.startswith("torchvision_fasterrcnn_resnet18_fpn_e6_")
-    assert bench.teacher.train["backbone"] == "crops" and bench.teacher.train["batch"] == 8  # teacher.batch
+    assert bench.teacher.train["crops"]["arch"] == "resnet18" and bench.teacher.train["batch"] == 8  # teacher.batch
     jobs = {m.name: bench.job(m, 0) for m in profile.methods}
     assert all(j.recipe["teacher"] == str(bench.teacher.checkpoint) for n, j in jobs.items() if n != "alone")
     assert "second_stage" not in jobs["features"].recipe["distill"]  # at its defaults: left out of the cache key

@@ -12,8 +12,10 @@
 #            parity, video against the speed table: the 20 % criterion)                      (limit 150 s)
 #   gpu      convergence issue: the `gpu` benchmark profile, nine runs side by side (≈ 6-7 min
 #            estimated), with its teacher carried in runs/carry/gpu_teacher.pt (required)     (limit 480 s)
-#   frcnn    Faster R-CNN issue: the `frcnn` benchmark profile, its teacher trained there first (crops
-#            backbone, then 6 epochs), then its nine student runs side by side              (limit 480 s)
+#   frcnn    Faster R-CNN issue: the `frcnn` benchmark profile, its teacher trained there first (the crops
+#            backbone, then 6 epochs of 56 batches: ≈ 1-2 min estimated from the H200's 329 batches of 32
+#            in 61 s), then its nine student runs side by side (the cpu profile's 450 scenes, 20 epochs:
+#            ≈ 3-5 min estimated; 2 loader workers each, 27 processes on 16 cores)          (limit 480 s)
 # deploy, gpu and frcnn do not fit one call together; with 15 minutes of device time a session, start-ups
 # included, expect one of them, or two only if the machine stays warm between the calls (it waits 30 s).
 # Exit status: the number of stages that failed or were cut.
@@ -28,10 +30,13 @@
 #     onnxslim==0.1.98                    # 12 MB; polars (54 MB) stays behind: detkd never needs it (plots=False)
 #   mkdir -p runs/carry && cp runs/bench/converged/runs/alone_s0/weights/best.pt runs/carry/student.pt
 #   cp runs/bench/gpu/teacher/*/weights/best.pt runs/carry/gpu_teacher.pt   # if trained here beforehand (≈ 1 h)
-# Rehearse it here first, tiny and on the CPU (what each stage does, not how long it takes there):
+# Rehearse it here first, tiny and on the CPU (what each stage does, not how long it takes there; the venv's bin
+# first on PATH, as the stages call python3):
 #   OUT=/tmp/gs DEVICE=cpu IMGSZ=64 FRAMES=20 PROFILE=tiny.yaml FRCNN_PROFILE=tiny_frcnn.yaml \
 #     bash tools/gpu_session.sh setup deploy gpu frcnn
-#   (tiny*.yaml: profiles of a few 64 px scenes and one epoch; here setup fails on the Python 3.12 wheels, harmless;
+#   (tiny*.yaml: profiles of a few 64 px scenes and one epoch, tiny_frcnn.yaml's teacher with `backbone:` a file
+#   from `detkd teacher backbone --epochs 1 --per-class 4 --imgsz 32` or none, since `crops` pretrains at full
+#   size; here setup fails on the Python 3.12 wheels, harmless;
 #   SETUP_LIMIT, DEPLOY_LIMIT, GPU_LIMIT, FRCNN_LIMIT change a stage's limit, e.g. to see a cut stage return its
 #   results)
 set -u
@@ -45,7 +50,7 @@ STUDENT=${STUDENT:-runs/carry/student.pt}
 TEACHER=${TEACHER:-docs/benchmarks/converged/teacher/teacher.pt}
 DEPLOY_FILES="/tmp/deploy/deploy.md /tmp/deploy/deploy.json"
 GPU_FILES="/tmp/bench/results.md /tmp/bench/results.json /tmp/bench/map_vs_epoch.png"
-FRCNN_FILES="/tmp/frcnn/results.md /tmp/frcnn/results.json"
+FRCNN_FILES="/tmp/frcnn/results.md /tmp/frcnn/results.json /tmp/frcnn/map_vs_epoch.png"
 mkdir -p "$OUT"
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 START=$(date +%s)

@@ -244,15 +244,20 @@ def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) 
         return Job("teacher", seed, str(run_dir), str(ckpt), None, None, str(eval_data), b.imgsz)
     # in the key only when set (earlier teachers keep theirs): a file with its time (it may be rewritten), the crops
     # pretraining with its settings
-    if t.backbone == CROPS_BACKBONE:
-        backbone = [t.backbone, _crops_pretraining(t.model, seed).to_dict()]
+    crops = CropsPretraining(resnet_of(_torchvision_arch(t.model)), seed=seed) if t.backbone == CROPS_BACKBONE else None
+    if crops:
+        backbone = [t.backbone, crops.to_dict()]
     else:
         backbone = [t.backbone, Path(t.backbone).stat().st_mtime] if t.backbone else []
     batch = b.batch if t.batch is None else t.batch
     key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, batch, seed, b.train, *backbone)
     run_dir = out / "teacher" / f"{Path(t.model.replace(':', '_')).stem}_e{t.epochs}_{key}"
     train = _train_args(profile, data_yaml, seed, run_dir, t.epochs) | {"batch": batch}
-    train |= {"backbone": t.backbone} if backbone else {}
+    if crops:  # pretrained by the teacher's job, kept beside its run: a run cut in its first epoch starts over without it
+        weights = out / "teacher" / f"crops_{crops.arch}_{_digest(crops.to_dict())}.pt"
+        train |= {"backbone": str(weights), "crops": crops.to_dict()}
+    elif backbone:
+        train |= {"backbone": t.backbone}
     return Job("teacher", seed, str(run_dir), t.model, train, None, str(eval_data), b.imgsz)
 
 
@@ -298,12 +303,10 @@ def _train(job: Job) -> Path:
 
         a = job.train
         keys = {k: a[k] for k in ("epochs", "imgsz", "batch", "workers", "seed")}
-        backbone = a.get("backbone")
-        if backbone == CROPS_BACKBONE:  # pretrained first, once: the file is written when it is trained
-            backbone = Path(job.run_dir) / "crops_backbone.pt"
-            if not backbone.is_file():
-                pretrain_backbone(backbone, _crops_pretraining(job.model, a["seed"]), workers=a["workers"])
-        return train_teacher(arch, a["data"], out=job.run_dir, device=a.get("device"), backbone=backbone, **keys)
+        backbone, device = a.get("backbone"), a.get("device")
+        if "crops" in a and not Path(backbone).is_file():  # the file is written once it is trained
+            pretrain_backbone(backbone, CropsPretraining(**a["crops"]), workers=a["workers"], device=device)
+        return train_teacher(arch, a["data"], out=job.run_dir, device=device, backbone=backbone, **keys)
     run_dir = Path(job.run_dir)
     last = run_dir / "weights" / "last.pt"
     if last.is_file() and training_finished(last):  # kept by the parent: this job, cut after training ended
@@ -319,11 +322,6 @@ def _train(job: Job) -> Path:
         model = YOLO(job.model)
         model.train(**job.train)
     return Path(model.trainer.best)
-
-
-def _crops_pretraining(model: str, seed: int) -> CropsPretraining:
-    """How the benchmark pretrains a ``backbone: crops`` teacher's ResNet (the defaults, the profile's seed)."""
-    return CropsPretraining(resnet_of(_torchvision_arch(model)), seed=seed)
 
 
 def _torchvision_arch(model: str) -> str | None:

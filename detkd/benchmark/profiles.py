@@ -245,7 +245,7 @@ def _check_profile(profile: Profile, source: str) -> None:
             raise DetkdError(f"{source}: 'teacher.model' {e}") from None
     if teacher.backbone and not teacher.model.startswith(torchvision.NAME_PREFIX):
         raise DetkdError(f"{source}: 'teacher.backbone' is for a torchvision:ARCH teacher")
-    if teacher.backbone == CROPS_BACKBONE:
+    if teacher.backbone == CROPS_BACKBONE and not teacher.checkpoint:
         try:
             resnet_of(teacher.model.removeprefix(torchvision.NAME_PREFIX))
         except DetkdError as e:
