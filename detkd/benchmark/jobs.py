@@ -253,7 +253,9 @@ def _teacher_job(profile: Profile, out: Path, data_yaml: Path, eval_data: Path) 
     key = _digest(str(data_yaml), t.model, t.epochs, b.imgsz, batch, seed, b.train, *backbone)
     run_dir = out / "teacher" / f"{Path(t.model.replace(':', '_')).stem}_e{t.epochs}_{key}"
     train = _train_args(profile, data_yaml, seed, run_dir, t.epochs) | {"batch": batch}
-    if crops:  # pretrained by the teacher's job, kept beside its run: a run cut in its first epoch starts over without it
+    # pretrained by the teacher's job and kept beside its run: a teacher run cut in its first epoch starts over
+    # without it
+    if crops:
         weights = out / "teacher" / f"crops_{crops.arch}_{_digest(crops.to_dict())}.pt"
         train |= {"backbone": str(weights), "crops": crops.to_dict()}
     elif backbone:
