@@ -92,8 +92,9 @@ class SecondStageConfig:
     """Terms in which a two-stage teacher's second stage (its RoI head) judges the student's own decoded boxes.
 
     At the student's assigned positives plus its ``topk`` most confident anchors per image, the teacher's RoI head
-    scores each student box (``cls``: its probabilities as soft targets of the student's class sigmoids) and refines
-    it (``box``: the refined box as GIoU + L1 target, weighted by the teacher's confidence). See
+    scores each student box (``cls``: its probabilities as soft targets of the student's class sigmoids; with
+    ``iou_aware``, each times the box's IoU with the teacher's refinement of it for that class) and refines it
+    (``box``: the refined box as GIoU + L1 target, weighted by the teacher's confidence). See
     :mod:`detkd.losses.second_stage`. A section of its own, not ``logit``/``box``: their keys (locations,
     temperature, LD, the teacher-better gate) pair dense anchors, which a two-stage teacher does not have, and each
     kind of teacher refuses the other's terms in one line. Logged as ``kd_rcnn_cls`` and ``kd_rcnn_box``."""
@@ -102,6 +103,7 @@ class SecondStageConfig:
     box_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
     l1_weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # image-normalised L1 relative to GIoU
     topk: int = field(default=50, metadata=NON_NEGATIVE)  # anchors per image by the student's max class score
+    iou_aware: bool = False  # class targets p·IoU, the form of the student's own (TAL) class targets
 
     @property
     def active(self) -> bool:

@@ -352,7 +352,12 @@ class Distiller(nn.Module):
         out = []
         if c.cls_weight > 0:
             targets, known = losses.second_stage_targets(
-                verdict.class_logits, self.student_classes, self.teacher_classes, s_cls.shape[-1]
+                verdict.class_logits,
+                self.student_classes,
+                self.teacher_classes,
+                s_cls.shape[-1],
+                boxes=boxes[judged] if c.iou_aware else None,
+                refined_boxes=verdict.boxes if c.iou_aware else None,
             )
             out.append(c.cls_weight * losses.second_stage_class_kd(s_cls[judged], targets, known))
         if c.box_weight > 0:
@@ -397,12 +402,5 @@ def teacher_better_classes(s_cls: Tensor, t_cls: Tensor, target_scores: Tensor) 
 def teacher_better_boxes(s_boxes: Tensor, t_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     """1 where the teacher's box overlaps the assigned target box more than the student's (IoU), else 0: (N, A).
     All boxes xyxy in the same units; meaningful at the student's positives (elsewhere the target is empty)."""
-    return (_paired_iou(t_boxes.detach(), target_boxes) > _paired_iou(s_boxes.detach(), target_boxes)).float()
-
-
-def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of boxes paired element-wise: (..., 4) xyxy each → (...)."""
-    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1) + (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area - inter).clamp(min=1e-9)
+    iou = losses.paired_iou
+    return (iou(t_boxes.detach(), target_boxes) > iou(s_boxes.detach(), target_boxes)).float()

@@ -49,6 +49,22 @@ def test_teacher_probabilities_become_student_class_targets_with_background_and_
     torch.testing.assert_close(student.grad[:, [0, 2]], (sigmoid - targets)[:, [0, 2]] / 2)  # d BCE / d logit
 
 
+def test_iou_aware_targets_scale_each_class_probability_by_the_boxs_iou_with_that_classs_refinement():
+    class_logits = torch.log(torch.tensor([[0.1, 0.6, 0.2, 0.1]]))
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    refined = torch.zeros(1, 4, 4)
+    refined[0, 1] = torch.tensor([0.0, 0.0, 10.0, 5.0])  # car: half the box, IoU 50 / 100
+    refined[0, 3] = torch.tensor([5.0, 0.0, 15.0, 10.0])  # bus: shifted by half, IoU 50 / 150
+    refined[0, 2] = torch.tensor([0.0, 0.0, 10.0, 10.0])  # truck: no student class pairs with it
+    targets, known = losses.second_stage_targets(
+        class_logits, torch.tensor([0, 2]), torch.tensor([1, 3]), 3, boxes=boxes, refined_boxes=refined
+    )
+    torch.testing.assert_close(targets, torch.tensor([[0.6 * 0.5, 0.0, 0.1 / 3]]))
+    assert known.tolist() == [[True, False, True]]
+    with pytest.raises(ValueError, match="need both"):
+        losses.second_stage_targets(class_logits, torch.tensor([0]), torch.tensor([1]), 3, boxes=boxes)
+
+
 def test_box_target_is_the_refinement_of_the_teachers_class_weighted_by_its_confidence():
     probs = torch.tensor([[0.1, 0.2, 0.6, 0.1], [0.5, 0.3, 0.1, 0.1]])  # box 0: truck 0.6; box 1: car 0.3
     refined = torch.zeros(2, 4, 4)
@@ -110,6 +126,12 @@ def test_teacher_judges_the_students_positives_and_top_anchors_and_teaches_the_s
     assert terms["kd_rcnn_cls"].item() == pytest.approx(2.0 * expected.item(), rel=1e-5)
     parts = losses.second_stage_box_kd(boxes.detach()[judged], verdict.class_logits, verdict.boxes, (64, 64))
     assert terms["kd_rcnn_box"].item() == pytest.approx(0.5 * (parts["giou"] + parts["l1"]).item(), rel=1e-5)
+    aware = Distiller(replace(cfg, second_stage=replace(cfg.second_stage, iou_aware=True)), s, t)
+    targets, known = losses.second_stage_targets(
+        verdict.class_logits, torch.tensor([0, 2]), torch.tensor([1, 3]), 3, boxes.detach()[judged], verdict.boxes
+    )
+    expected = 2.0 * losses.second_stage_class_kd(cls.detach()[judged], targets, known)
+    assert aware(view_s, view_t, {"img": images}, assigned)["kd_rcnn_cls"].item() == pytest.approx(expected.item())
 
     (terms["kd_rcnn_cls"] + terms["kd_rcnn_box"]).backward()
     assert cls.grad[~judged].abs().max() == 0 and ltrb.grad[~judged].abs().max() == 0

@@ -6,9 +6,10 @@ Feature imitation (``feature``): :func:`fitnet`, :func:`cwd`, :func:`pkd`, :func
 (``logit``): :func:`kd_sigmoid`. Boxes (``box``): :func:`ld`, :func:`box_distill`. A two-stage teacher's RoI head
 judging the student's boxes (``second_stage``): :func:`second_stage_targets`, :func:`second_stage_class_kd`,
 :func:`second_stage_box_kd`. Teacher inputs are always
-detached inside the losses.
+detached inside the losses. :func:`paired_iou`: the IoU of boxes paired element-wise, for the terms that weigh by it.
 """
 
+from detkd.losses._common import paired_iou
 from detkd.losses.box import box_distill, ld
 from detkd.losses.feature import FGDLoss, GlobalContext, MGDLoss, cwd, fgd_masks, fitnet, pkd, score_weighted_l2
 from detkd.losses.logit import kd_sigmoid
@@ -26,6 +27,7 @@ __all__ = [
     "fitnet",
     "kd_sigmoid",
     "ld",
+    "paired_iou",
     "pkd",
     "register_feature_loss",
     "score_weighted_l2",

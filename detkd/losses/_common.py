@@ -1,4 +1,4 @@
-"""Helpers shared by the loss modules: reduction and fp32 promotion."""
+"""Helpers shared by the loss modules: reduction, fp32 promotion and the IoU of paired boxes."""
 
 from __future__ import annotations
 
@@ -23,3 +23,11 @@ def reduce_loss(loss: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     if reduction == "mean":
         return loss.sum() / max(loss.numel(), 1)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes paired element-wise: (..., 4) xyxy each → (...). (torchvision's ``box_iou`` is all pairs.)"""
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1) + (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area - inter).clamp(min=1e-9)

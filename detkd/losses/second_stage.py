@@ -10,7 +10,12 @@ its verdict into targets:
   per class, the form :func:`~detkd.losses.logit.kd_sigmoid` uses for sigmoid heads). The teacher's probability of
   class k is the probability that the box is a k; 1 − p_k, the complement, holds background and every other class,
   which is what a sigmoid's "not k" means. A student class without a teacher counterpart has no target (masked),
-  not a target of 0.
+  not a target of 0. IoU-aware (``iou_aware``): p_k times the IoU of the student's box with the teacher's refinement
+  of it for class k, VarifocalNet's IoU-aware classification score (Zhang et al., CVPR 2021: the class target of a
+  box is its IoU with the object) with the teacher's refined box standing for the object. A Faster R-CNN's softmax
+  calls a box with IoU 0.5 a confident k (it was trained so); a YOLOv8 student's task loss trains its class scores
+  on TAL's IoU-aligned targets (Feng et al., TOOD, ICCV 2021), which rank a well-placed box above a loose one: the
+  product speaks the student's language.
 - :func:`second_stage_box_kd`: the teacher's refinement of each student box (the refined box of its most probable
   non-background class) is the target of the student's decoded box: GIoU + L1 on image-normalised coordinates
   (:func:`~detkd.losses.box.box_distill`), weighted by the teacher's confidence in the box (its largest
@@ -30,23 +35,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.losses._common import upcast
+from detkd.losses._common import paired_iou, upcast
 from detkd.losses.box import box_distill
 
 
 def second_stage_targets(
-    class_logits: Tensor, student_classes: Tensor, teacher_classes: Tensor, num_student_classes: int
+    class_logits: Tensor,
+    student_classes: Tensor,
+    teacher_classes: Tensor,
+    num_student_classes: int,
+    boxes: Tensor | None = None,
+    refined_boxes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(targets, known), each (R, nc): the teacher's softmax probability of each student class, and whether that
     class has a teacher counterpart. ``class_logits`` (R, K+1): column 0 background; ``student_classes[i]`` pairs with
-    teacher column ``teacher_classes[i]`` (1 ... K, never the background column)."""
+    teacher column ``teacher_classes[i]`` (1 ... K, never the background column). With the judged ``boxes`` (R, 4)
+    and the teacher's ``refined_boxes`` (R, K+1, 4), IoU-aware: each probability times IoU(box, its refinement for
+    that class)."""
     if (teacher_classes == 0).any():
         raise ValueError("second_stage_targets: column 0 is the teacher's background, not a class to pair")
     probs = upcast(class_logits.detach()).softmax(-1)
     rows = class_logits.shape[0]
     targets = probs.new_zeros(rows, num_student_classes)
     known = torch.zeros(rows, num_student_classes, dtype=torch.bool, device=probs.device)
-    targets[:, student_classes] = probs[:, teacher_classes]
+    paired = probs[:, teacher_classes]
+    if (boxes is None) != (refined_boxes is None):
+        raise ValueError("second_stage_targets: IoU-aware targets need both the boxes and their refinements")
+    if boxes is not None:
+        refined = upcast(refined_boxes.detach())[:, teacher_classes]
+        paired = paired * paired_iou(upcast(boxes.detach())[:, None], refined)
+    targets[:, student_classes] = paired
     known[:, student_classes] = True
     return targets, known
 
