@@ -201,13 +201,20 @@ class Recipe:
 
     def validate(self, where: str, source: str) -> None:
         """A chain's assistants are YOLO models, which have no second stage to teach the stages after the first;
-        terms that read labels need them on unlabeled images too: only pseudo-boxes can give them."""
+        a plain finish must leave epochs to distil; terms that read labels need them on unlabeled images too: only
+        pseudo-boxes can give them."""
         if self.chain and self.distill.second_stage.active:
             raise DetkdError(
                 f"{source}: 'distill.second_stage' needs a two-stage teacher, but the 'chain' assistants "
                 f"({', '.join(self.chain)}) are YOLO models, which teach every stage after the first: distil the "
                 "first assistant from the two-stage teacher in a run of its own, then chain from its best.pt with "
                 "distill.logit/box"
+            )
+        epochs, stop = self.train.get("epochs"), self.distill.schedule.stop_last_epochs
+        if self.distills and stop and isinstance(epochs, int) and stop >= epochs:
+            raise DetkdError(
+                f"{source}: 'distill.schedule.stop_last_epochs' ({stop}) leaves none of the {epochs} epochs distilled: "
+                f"lower it (e.g. distill.schedule.stop_last_epochs={epochs // 2})"
             )
         if self.unlabeled is None or self.unlabeled.pseudo is not None:
             return

@@ -13,8 +13,8 @@ from detkd.errors import DetkdError
 def test_built_in_recipes_load_by_name_and_by_path():
     assert builtin_names() == ["frcnn", "recommended", "ultralytics_builtin"]
     for name in builtin_names():
-        recipe = load_recipe(name, ["teacher=t.pt", "epochs=3", "distill.logit.weight=0.5"])
-        assert recipe.teacher == "t.pt" and recipe.train["epochs"] == 3 and recipe.distill.logit.weight == 0.5
+        recipe = load_recipe(name, ["teacher=t.pt", "epochs=12", "distill.logit.weight=0.5"])
+        assert recipe.teacher == "t.pt" and recipe.train["epochs"] == 12 and recipe.distill.logit.weight == 0.5
         assert load_recipe(name) == load_recipe(CONFIGS_DIR / f"{name}.yaml") and load_recipe(name).distills
 
 
@@ -127,6 +127,11 @@ def test_overrides_merge_deeply_whatever_the_recipe_is(tmp_path):
         (["RECIPE", "epochz=3"], "'epochz' is not a valid YOLO argument. Similar arguments are i.e. ['epochs=100']"),
         (["RECIPE", "distill.logit.weight=.nan"], "'distill.logit.weight' must be a finite number, got nan"),
         (
+            ["frcnn", "epochs=10", "teacher=t.pt", "data=d.yaml"],
+            "'distill.schedule.stop_last_epochs' (10) leaves none of the 10 epochs distilled: lower it (e.g. "
+            "distill.schedule.stop_last_epochs=5)",
+        ),
+        (
             ["resume=RUN", "teacher=t.pt", "epochs=3"],
             "a resumed run keeps its saved recipe (distill.yaml); given: teacher",
         ),
@@ -154,7 +159,7 @@ def test_a_chain_is_refused_with_second_stage_terms_its_yolo_assistants_cannot_t
     expected = "frcnn.yaml: 'distill.second_stage' needs a two-stage teacher, but the 'chain' assistants (yolov8s.yaml)"
     assert expected in message and "\n" not in message
     no_second_stage = {**frcnn, "distill": {"second_stage": {"cls_weight": 0, "box_weight": 0}}}
-    assert load_recipe("frcnn", no_second_stage).chain == ["yolov8s.yaml"]  # feature terms pass through assistants
+    assert load_recipe("frcnn", no_second_stage).chain == ["yolov8s.yaml"]  # without them, a chain loads
     from detkd.engine import distill
 
     with pytest.raises(DetkdError, match="'distill.second_stage' needs a two-stage teacher"):

@@ -262,4 +262,4 @@ def test_a_named_torchvision_teacher_is_evaluated_from_its_adapter(synth_data, t
     assert "error" not in t and 0.0 <= t["AP"] < 0.01 and t["images"] == 4  # measured: untrained, not unknown
     assert _severities(diagnosis.findings, "teacher") == ["error"]
     assert "could not be measured" not in diagnosis.format()
-    assert set(diagnosis.measurements["balance"]["terms"]) == {"kd_cwd", "kd_rcnn_cls", "kd_rcnn_box"}
+    assert set(diagnosis.measurements["balance"]["terms"]) == {"kd_rcnn_cls", "kd_rcnn_box"}
