@@ -104,6 +104,9 @@ class SecondStageConfig:
     l1_weight: float = field(default=1.0, metadata=NON_NEGATIVE)  # image-normalised L1 relative to GIoU
     topk: int = field(default=50, metadata=NON_NEGATIVE)  # anchors per image by the student's max class score
     iou_aware: bool = False  # class targets p·IoU, the form of the student's own (TAL) class targets
+    # judge the student's assigned positives too, where its labels already give class and box targets; false: the
+    # teacher speaks only at the top-k anchors the labels call background
+    positives: bool = True
 
     @property
     def active(self) -> bool:

@@ -332,8 +332,8 @@ class Distiller(nn.Module):
         self, s: DetectorView, t: DetectorView, batch: dict, assigned: Assignment | None
     ) -> list[Tensor]:
         """The weighted ``second_stage`` terms, class then box (those with a weight): the teacher's RoI head judges
-        the student's decoded boxes at its assigned positives and its ``topk`` most confident anchors per image
-        (:mod:`detkd.losses.second_stage`)."""
+        the student's decoded boxes at its assigned positives (unless ``positives`` is off) and its ``topk`` most
+        confident anchors per image (:mod:`detkd.losses.second_stage`)."""
         c = self.cfg.second_stage
         if assigned is None:
             raise DetkdError(
@@ -341,11 +341,12 @@ class Distiller(nn.Module):
                 "assigner, which is missing"
             )
         s_cls = s.cls_logits.float()
-        judged = assigned.fg_mask.clone()
+        judged = torch.zeros_like(assigned.fg_mask)
         k = min(c.topk, s_cls.shape[1])
         if k:
             top = s_cls.detach().amax(-1).topk(k, dim=1).indices
             judged.scatter_(1, top, True)
+        judged = judged | assigned.fg_mask if c.positives else judged & ~assigned.fg_mask
         image_size = tuple(batch["img"].shape[-2:])
         boxes = s.boxes_xyxy(pixels=True).float()
         verdict = t.second_stage([b[m].detach() for b, m in zip(boxes, judged)], image_size)

@@ -133,6 +133,19 @@ def test_teacher_judges_the_students_positives_and_top_anchors_and_teaches_the_s
     expected = 2.0 * losses.second_stage_class_kd(cls.detach()[judged], targets, known)
     assert aware(view_s, view_t, {"img": images}, assigned)["kd_rcnn_cls"].item() == pytest.approx(expected.item())
 
+    # positives off: only the top anchors the labels call background are judged (one of them made a positive here)
+    silent = Distiller(replace(cfg, second_stage=replace(cfg.second_stage, positives=False)), s, t)
+    top = torch.zeros_like(fg_mask).scatter_(1, cls.detach().amax(-1).topk(4, dim=1).indices, True)
+    fg = fg_mask.clone()
+    fg[0, top[0].nonzero()[0]] = True
+    quiet = top & ~fg
+    assert quiet.sum(1).tolist()[0] == 3
+    said = t.second_stage(view_t, [b[m] for b, m in zip(boxes.detach(), quiet)], (64, 64))
+    targets, known = losses.second_stage_targets(said.class_logits, torch.tensor([0, 2]), torch.tensor([1, 3]), 3)
+    expected = 2.0 * losses.second_stage_class_kd(cls.detach()[quiet], targets, known)
+    value = silent(view_s, view_t, {"img": images}, Assignment(fg, assigned.scores, assigned.boxes))["kd_rcnn_cls"]
+    assert value.item() == pytest.approx(expected.item())
+
     (terms["kd_rcnn_cls"] + terms["kd_rcnn_box"]).backward()
     assert cls.grad[~judged].abs().max() == 0 and ltrb.grad[~judged].abs().max() == 0
     assert (cls.grad[judged][:, [0, 2]].abs().amax(1) > 0).all() and cls.grad[..., 1].abs().max() == 0  # person
