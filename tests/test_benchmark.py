@@ -396,6 +396,12 @@ def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_
     assert "second_stage" not in jobs["features"].recipe["distill"]  # at its defaults: left out of the cache key
     assert jobs["features+cls"].recipe["distill"]["second_stage"]["cls_weight"] == 1.0
     assert jobs["frcnn"].recipe["distill"] == load_recipe("frcnn").to_dict()["distill"]
+    said = {m.name: describe_method(m, "yolov8n.yaml") for m in profile.methods}
+    assert said["frcnn"] == (
+        "second-stage class ×1 + second-stage box ×2.5 (top 50 + positives, IoU-aware class targets), off for the "
+        "last 10 epochs"
+    )
+    assert "(top 50, positives left out, IoU-aware class targets)" in said["frcnn-positives"]
 
     # a backbone file for the teacher (detkd teacher backbone), or none: passed to detkd teacher train, each a
     # teacher of its own

@@ -333,6 +333,10 @@ def describe_method(method: Method, student: str) -> str:
     terms += [f"box distillation ×{d.box.weight:g}"] if d.box.weight > 0 else []
     second = [(w, what) for w, what in ((d.second_stage.cls_weight, "class"), (d.second_stage.box_weight, "box")) if w]
     terms += [f"second-stage {what} ×{w:g}" for w, what in second]  # the teacher's RoI head on the student's boxes
+    if second:
+        c = d.second_stage
+        where = f"top {c.topk} + positives" if c.positives else f"top {c.topk}, positives left out"
+        terms[-1] += f" ({where}{', IoU-aware class targets' if c.iou_aware else ''})"
     terms += [f"the teacher's missed boxes (≥ {d.pseudo.conf:g})"] if d.pseudo is not None else []
     text = " + ".join(terms) or "no distillation"
     gates = {c.gate for c in (d.logit, d.box) if c.gate != "none"}
