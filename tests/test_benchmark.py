@@ -394,7 +394,10 @@ def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_
     jobs = {m.name: bench.job(m, 0) for m in profile.methods}
     assert all(j.recipe["teacher"] == str(bench.teacher.checkpoint) for n, j in jobs.items() if n != "alone")
     assert "second_stage" not in jobs["features"].recipe["distill"]  # at its defaults: left out of the cache key
-    assert jobs["features+cls"].recipe["distill"]["second_stage"]["cls_weight"] == 1.0
+    assert jobs["class"].recipe["distill"]["second_stage"] == {
+        **jobs["frcnn"].recipe["distill"]["second_stage"],
+        "box_weight": 0.0,
+    }
     assert jobs["frcnn"].recipe["distill"] == load_recipe("frcnn").to_dict()["distill"]
     said = {m.name: describe_method(m, "yolov8n.yaml") for m in profile.methods}
     assert said["frcnn"] == (

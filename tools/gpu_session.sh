@@ -14,7 +14,7 @@
 #            estimated), with its teacher carried in runs/carry/gpu_teacher.pt (required)     (limit 480 s)
 #   frcnn    Faster R-CNN issue: the `frcnn` benchmark profile, its teacher trained there first (the crops
 #            backbone, then 6 epochs of 56 batches: ≈ 1-2 min estimated from the H200's 329 batches of 32
-#            in 61 s), then its ten student runs, nine side by side (the cpu profile's 450 scenes, 20 epochs:
+#            in 61 s), then its 13 student runs, nine side by side (the cpu profile's 450 scenes, 20 epochs:
 #            ≈ 3-5 min estimated; 2 loader workers each, 27 processes on 16 cores)          (limit 480 s)
 # deploy, gpu and frcnn do not fit one call together; with 15 minutes of device time a session, start-ups
 # included, expect one of them, or two only if the machine stays warm between the calls (it waits 30 s).
