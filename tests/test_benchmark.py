@@ -431,3 +431,17 @@ def test_frcnn_profile_trains_a_torchvision_teacher_and_distils_with_its_second_
     bad.write_text("teacher: {model: 'torchvision:fasterrcnn_resnet7_fpn'}\nmethods: [{name: a, kind: alone}]")
     with pytest.raises(DetkdError, match=r"bad.yaml: 'teacher.model' torchvision:fasterrcnn_resnet7_fpn: unknown arch"):
         load_profile(bad)
+
+
+def test_a_finished_run_stays_cached_when_a_recipe_key_is_added_since_at_its_default(synth_data, tmp_path):
+    """A run saved before ``second_stage.iou_aware`` and ``positives`` existed is the same job today; one whose
+    recipe differs is not (``run.json`` is then not trusted)."""
+    profile = load_profile("frcnn")
+    profile.data = DataSpec(yaml=str(synth_data))
+    job = Bench.prepare(profile, tmp_path).job(next(m for m in profile.methods if m.name == "second_stage"), 0)
+    saved = json.loads(json.dumps(asdict(job)))
+    for key in ("iou_aware", "positives"):
+        saved["recipe"]["distill"]["second_stage"].pop(key, None)
+    assert job.same_as(saved)
+    saved["recipe"]["distill"]["second_stage"]["topk"] = 7
+    assert not job.same_as(saved) and not job.same_as(None)

@@ -59,7 +59,19 @@ class Job:
         if not record_file.is_file():
             return None
         record = json.loads(record_file.read_text())
-        return record if record.get("job") == json.loads(json.dumps(asdict(self))) else None
+        return record if self.same_as(record.get("job")) else None
+
+    def same_as(self, saved: dict | None) -> bool:
+        """Whether ``saved`` (a job as a run wrote it) is this job. Its recipe is read again by today's code first, so
+        that a recipe key added since, at its default, does not make a finished run look like another job's."""
+        if not isinstance(saved, dict):
+            return False
+        if isinstance(saved.get("recipe"), dict):
+            try:
+                saved = {**saved, "recipe": load_recipe(None, saved["recipe"]).to_dict()}
+            except DetkdError:
+                return False
+        return json.loads(json.dumps(saved)) == json.loads(json.dumps(asdict(self)))
 
 
 @dataclass
@@ -376,7 +388,7 @@ def run_in_child(job: Job, threads: int | None = None) -> int:
         job.train is not None
         and (run_dir / "weights" / "last.pt").is_file()
         and job_file.is_file()
-        and json.loads(job_file.read_text()) == json.loads(json.dumps(asdict(job)))
+        and job.same_as(json.loads(job_file.read_text()))
     )
     if not resumable:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing of another job's run (weights, logs) may be taken
