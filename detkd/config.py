@@ -107,6 +107,10 @@ class SecondStageConfig:
     # judge the student's assigned positives too, where its labels already give class and box targets; false: the
     # teacher speaks only at the top-k anchors the labels call background
     positives: bool = True
+    # the class term weighted per box by the teacher's confidence in it (its largest non-background probability),
+    # as the box term is; false: a plain mean over the judged boxes. For a teacher judging every anchor (a large
+    # topk), where boxes it calls background would otherwise outnumber and dilute the ones it recognises
+    teacher_weighted: bool = False
 
     @property
     def active(self) -> bool:

@@ -360,7 +360,8 @@ class Distiller(nn.Module):
                 boxes=boxes[judged] if c.iou_aware else None,
                 refined_boxes=verdict.boxes if c.iou_aware else None,
             )
-            out.append(c.cls_weight * losses.second_stage_class_kd(s_cls[judged], targets, known))
+            weights = losses.teacher_confidence(verdict.class_logits)[0] if c.teacher_weighted else None
+            out.append(c.cls_weight * losses.second_stage_class_kd(s_cls[judged], targets, known, weights))
         if c.box_weight > 0:
             parts = losses.second_stage_box_kd(
                 boxes[judged], verdict.class_logits, verdict.boxes, image_size, l1_weight=c.l1_weight

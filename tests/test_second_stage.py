@@ -48,6 +48,14 @@ def test_teacher_probabilities_become_student_class_targets_with_background_and_
     sigmoid = torch.sigmoid(student.detach())
     torch.testing.assert_close(student.grad[:, [0, 2]], (sigmoid - targets)[:, [0, 2]] / 2)  # d BCE / d logit
 
+    # weighted by the teacher's confidence: its largest non-background probability, 0.6 (car) and 0.2 (bus)
+    confidence, best = losses.teacher_confidence(class_logits)
+    torch.testing.assert_close(confidence, torch.tensor([0.6, 0.2]))
+    assert best.tolist() == [1, 3]
+    weighted = losses.second_stage_class_kd(student.detach(), targets, known, confidence)
+    by_hand = (0.6 * (_bce(2.0, 0.6) + _bce(-1.0, 0.1)) + 0.2 * (_bce(-3.0, 0.05) + _bce(0.5, 0.2))) / 0.8
+    assert weighted.item() == pytest.approx(by_hand, rel=1e-6)
+
 
 def test_iou_aware_targets_scale_each_class_probability_by_the_boxs_iou_with_that_classs_refinement():
     class_logits = torch.log(torch.tensor([[0.1, 0.6, 0.2, 0.1]]))
@@ -132,6 +140,12 @@ def test_teacher_judges_the_students_positives_and_top_anchors_and_teaches_the_s
     )
     expected = 2.0 * losses.second_stage_class_kd(cls.detach()[judged], targets, known)
     assert aware(view_s, view_t, {"img": images}, assigned)["kd_rcnn_cls"].item() == pytest.approx(expected.item())
+    weighting = replace(cfg.second_stage, iou_aware=True, teacher_weighted=True)
+    weighted = Distiller(replace(cfg, second_stage=weighting), s, t)
+    confidence = verdict.class_logits.softmax(-1)[:, 1:].amax(-1)
+    per_box = torch.nn.functional.binary_cross_entropy_with_logits(cls.detach()[judged], targets, reduction="none")
+    expected = 2.0 * ((per_box * known).sum(-1) * confidence).sum() / confidence.sum()
+    assert weighted(view_s, view_t, {"img": images}, assigned)["kd_rcnn_cls"].item() == pytest.approx(expected.item())
 
     # positives off: only the top anchors the labels call background are judged (one of them made a positive here)
     silent = Distiller(replace(cfg, second_stage=replace(cfg.second_stage, positives=False)), s, t)

@@ -336,7 +336,9 @@ def describe_method(method: Method, student: str) -> str:
     if second:
         c = d.second_stage
         where = f"top {c.topk} + positives" if c.positives else f"top {c.topk}, positives left out"
-        terms[-1] += f" ({where}{', IoU-aware class targets' if c.iou_aware else ''})"
+        how = [", IoU-aware class targets"] if c.iou_aware else []
+        how += [", class term weighted by the teacher's confidence"] if c.teacher_weighted else []
+        terms[-1] += f" ({where}{''.join(how)})"
     terms += [f"the teacher's missed boxes (≥ {d.pseudo.conf:g})"] if d.pseudo is not None else []
     text = " + ".join(terms) or "no distillation"
     gates = {c.gate for c in (d.logit, d.box) if c.gate != "none"}

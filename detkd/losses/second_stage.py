@@ -6,16 +6,17 @@ teacher's own features: :meth:`detkd.adapters.torchvision.TorchvisionAdapter.sec
 its verdict into targets:
 
 - :func:`second_stage_class_kd`: the teacher's softmax over its K+1 classes, mapped to the student's classes, is the
-  soft target of each student class sigmoid (binary cross-entropy: Hinton et al.'s soft targets with one Bernoulli
-  per class, the form :func:`~detkd.losses.logit.kd_sigmoid` uses for sigmoid heads). The teacher's probability of
-  class k is the probability that the box is a k; 1 − p_k, the complement, holds background and every other class,
-  which is what a sigmoid's "not k" means. A student class without a teacher counterpart has no target (masked),
-  not a target of 0. IoU-aware (``iou_aware``): p_k times the IoU of the student's box with the teacher's refinement
-  of it for class k, VarifocalNet's IoU-aware classification score (Zhang et al., CVPR 2021: the class target of a
-  box is its IoU with the object) with the teacher's refined box standing for the object. A Faster R-CNN's softmax
-  calls a box with IoU 0.5 a confident k (it was trained so); a YOLOv8 student's task loss trains its class scores
-  on TAL's IoU-aligned targets (Feng et al., TOOD, ICCV 2021), which rank a well-placed box above a loose one: the
-  product speaks the student's language.
+  soft target of each student class sigmoid (binary cross-entropy: Hinton et al.'s soft targets with one Bernoulli per
+  class, the form :func:`~detkd.losses.logit.kd_sigmoid` uses for sigmoid heads). The teacher's probability of class k
+  is the probability that the box is a k; 1 − p_k, the complement, holds background and every other class, which is
+  what a sigmoid's "not k" means. A student class without a teacher counterpart has no target (masked), not a target
+  of 0. Averaged over the judged boxes, or (``teacher_weighted``) weighted by the teacher's confidence in each box,
+  the weighting of the dense logit term's ``locations: teacher``. IoU-aware (``iou_aware``): p_k times the IoU of the
+  student's box with the teacher's refinement of it for class k, VarifocalNet's IoU-aware classification score (Zhang
+  et al., CVPR 2021: the class target of a box is its IoU with the object) with the teacher's refined box standing for
+  the object. A Faster R-CNN's softmax calls a box with IoU 0.5 a confident k (it was trained so); a YOLOv8 student's
+  task loss trains its class scores on TAL's IoU-aligned targets (Feng et al., TOOD, ICCV 2021), which rank a
+  well-placed box above a loose one: the product speaks the student's language.
 - :func:`second_stage_box_kd`: the teacher's refinement of each student box (the refined box of its most probable
   non-background class) is the target of the student's decoded box: GIoU + L1 on image-normalised coordinates
   (:func:`~detkd.losses.box.box_distill`), weighted by the teacher's confidence in the box (its largest
@@ -69,16 +70,32 @@ def second_stage_targets(
     return targets, known
 
 
-def second_stage_class_kd(student_logits: Tensor, targets: Tensor, known: Tensor) -> Tensor:
+def second_stage_class_kd(
+    student_logits: Tensor, targets: Tensor, known: Tensor, weights: Tensor | None = None
+) -> Tensor:
     """Σ_r Σ_c known_rc · BCE(σ(s_rc), p_rc) / max(R, 1): soft-target BCE per student class with a teacher
-    counterpart, summed over classes, averaged over the R judged boxes. ``student_logits`` (R, nc) raw."""
+    counterpart, summed over classes, averaged over the R judged boxes. ``student_logits`` (R, nc) raw. With
+    ``weights`` (R,) a weighted mean over the boxes instead, Σ_r w_r · (...) / Σ_r w_r: with the teacher's
+    confidence in each box (:func:`teacher_confidence`), the many boxes it calls background do not dilute the
+    ones it recognises when it judges every anchor, as the dense logit term's ``locations: teacher`` does."""
     if student_logits.shape != targets.shape or targets.shape != known.shape:
         raise ValueError(
             f"second_stage_class_kd: shapes {tuple(student_logits.shape)}, {tuple(targets.shape)}, "
             f"{tuple(known.shape)} differ"
         )
     bce = F.binary_cross_entropy_with_logits(upcast(student_logits), targets.detach(), reduction="none")
-    return (bce * known).sum() / max(student_logits.shape[0], 1)
+    per_box = (bce * known).sum(-1)
+    if weights is None:
+        return per_box.sum() / max(per_box.shape[0], 1)
+    weights = upcast(weights.detach())
+    return (per_box * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def teacher_confidence(class_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(confidence, class) per judged box: the teacher's largest non-background probability and its class column
+    (1 ... K). ``class_logits`` (R, K+1), column 0 background."""
+    confidence, best = upcast(class_logits.detach()).softmax(-1)[:, 1:].max(-1)
+    return confidence, best + 1
 
 
 def second_stage_box_kd(
@@ -91,9 +108,8 @@ def second_stage_box_kd(
     """``{"giou", "l1"}`` between the student's decoded boxes (R, 4 xyxy pixels) and the teacher's refinement of
     them: for each box, ``refined_boxes`` (R, K+1, 4) at the teacher's most probable non-background class, weighted
     by that probability (Σ w·loss / Σ w; L1 divided by the image size (H, W)). Gradients reach the student boxes."""
-    probs = upcast(class_logits.detach()).softmax(-1)[:, 1:]
-    confidence, best = probs.max(-1)
-    target = refined_boxes.detach()[torch.arange(len(best), device=best.device), best + 1]
+    confidence, best = teacher_confidence(class_logits)
+    target = refined_boxes.detach()[torch.arange(len(best), device=best.device), best]
     return box_distill(
         student_boxes, target, weights=confidence, image_size=image_size, iou_weight=1.0, l1_weight=l1_weight
     )
