@@ -12,6 +12,7 @@ target.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import cached_property
 
 import torch
@@ -161,7 +162,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.cfg = cfg
         s_strides, t_strides = list(student.strides), list(teacher.strides)
-        self._check_teacher_feeds(cfg, teacher)
+        self._check_teacher_feeds(cfg, teacher, s_strides)
         # student level -> teacher level with the same stride: the neck's, and each feature term's (neck or backbone)
         self.level_pairs = pairs_by_stride(s_strides, t_strides)
         self.feature_pairs: list[dict[int, int]] = []
@@ -185,7 +186,7 @@ class Distiller(nn.Module):
             self.feature_pairs.append(pairs)
             self.feature_parts.append(parts)
         dense = cfg.logit.weight > 0 or cfg.box.weight > 0
-        if dense and s_strides != t_strides:
+        if dense and teacher.dense_head and s_strides != t_strides:
             raise DetkdError(
                 f"recipe: logit/box distillation pairs anchors, which needs equal head strides "
                 f"(student {s_strides}, teacher {t_strides}); use feature losses only"
@@ -203,11 +204,13 @@ class Distiller(nn.Module):
         self.register_buffer("teacher_classes", torch.tensor(t_idx, dtype=torch.long), persistent=False)
 
     @staticmethod
-    def _check_teacher_feeds(cfg: DistillConfig, teacher: DetectorAdapter) -> None:
+    def _check_teacher_feeds(cfg: DistillConfig, teacher: DetectorAdapter, s_strides: list[int]) -> None:
         """Refuse, before any step, a term the teacher cannot feed, in one line naming the term and the teacher:
-        dense logit/box terms and losses weighted by dense class scores pair the teacher's per-anchor outputs, which
-        a two-stage teacher does not have; ``second_stage`` terms need a teacher's RoI head to judge boxes, which a
-        single-stage teacher does not have."""
+        dense logit/box terms pair the teacher's per-anchor outputs, which a two-stage teacher makes from its two
+        stages at the student's anchors (its dense verdict) when its FPN has a level at each of the student's
+        strides; losses weighted by dense class scores read them on the teacher's own levels, which a two-stage
+        teacher does not have; ``second_stage`` terms need a teacher's RoI head to judge boxes, which a single-stage
+        teacher does not have."""
         if cfg.second_stage.active and not getattr(teacher, "roi_head", False):
             raise DetkdError(
                 f"recipe: distill.second_stage needs a two-stage teacher's second stage (RoI head) to judge the "
@@ -217,6 +220,14 @@ class Distiller(nn.Module):
         if teacher.dense_head:
             return
         dense_terms = [name for name, c in (("distill.logit", cfg.logit), ("distill.box", cfg.box)) if c.weight > 0]
+        if dense_terms and hasattr(teacher, "dense_verdict"):
+            if missing := [s for s in s_strides if s not in teacher.strides]:
+                raise DetkdError(
+                    f"recipe: {dense_terms[0]} pairs the student's anchors with the teacher's dense verdict, which "
+                    f"needs a teacher FPN level at each student stride: none at {missing} (teacher strides "
+                    f"{list(teacher.strides)})"
+                )
+            dense_terms = []
         dense_terms += [
             f"distill.feature loss '{f.loss}'"
             for f in cfg.feature
@@ -286,6 +297,8 @@ class Distiller(nn.Module):
                 total = total + (sum(value.values()) if isinstance(value, dict) else value)
             terms[next(names)] = f.weight * total
         if self.cfg.logit.weight > 0 or self.cfg.box.weight > 0:
+            if t.cls_logits is None:  # a two-stage teacher: its dense verdict at the student's anchors
+                t = self._dense_teacher(s, t, tuple(batch["img"].shape[-2:]))
             t_cls = t.cls_logits.float().detach()[..., self.teacher_classes]
             s_cls = s.cls_logits.float()[..., self.student_classes]
             locations = {}  # per location kind (and the gate), computed once when logit and box terms share it
@@ -349,7 +362,7 @@ class Distiller(nn.Module):
         judged = judged | assigned.fg_mask if c.positives else judged & ~assigned.fg_mask
         image_size = tuple(batch["img"].shape[-2:])
         boxes = s.boxes_xyxy(pixels=True).float()
-        verdict = t.second_stage([b[m].detach() for b, m in zip(boxes, judged)], image_size)
+        verdict = t.two_stage.second_stage(t, [b[m].detach() for b, m in zip(boxes, judged)], image_size)
         out = []
         if c.cls_weight > 0:
             targets, known = losses.second_stage_targets(
@@ -368,6 +381,22 @@ class Distiller(nn.Module):
             )
             out.append(c.box_weight * (parts["giou"] + parts["l1"]))
         return out
+
+    @staticmethod
+    def _dense_teacher(s: DetectorView, t: DetectorView, image_size: tuple[int, int]) -> DetectorView:
+        """A two-stage teacher's view with dense outputs at the student's anchors, from its dense verdict
+        (:meth:`~detkd.adapters.torchvision.TorchvisionAdapter.dense_verdict`): class logits whose sigmoids are its
+        softmax probabilities (column 0, background, pairs with no student class), so the logit term's soft targets
+        and ``locations: teacher`` read them as a YOLO teacher's; and the refined box of its most probable class, as
+        distances from the student's anchor points (decoded-box mode of the box term: no DFL to pair)."""
+        verdict = t.two_stage.dense_verdict(t, s.strides, image_size)
+        n, a = s.cls_logits.shape[:2]
+        _, best = losses.teacher_confidence(verdict.class_logits)
+        boxes = verdict.boxes[torch.arange(len(best), device=best.device), best].view(n, a, 4) / s.stride_tensor
+        ltrb = torch.cat((s.anchor_points - boxes[..., :2], boxes[..., 2:] - s.anchor_points), -1)
+        logits = torch.logit(verdict.class_logits.float().softmax(-1), eps=1e-6).view(n, a, -1)
+        anchors = {"anchor_points": s.anchor_points, "stride_tensor": s.stride_tensor}
+        return replace(t, cls_logits=logits, box_ltrb=ltrb, **anchors)
 
     @staticmethod
     def _resize(s_map: Tensor, t_feat: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from torchvision.ops import generalized_box_iou_loss
 from detkd import losses
 from detkd.adapters import TorchvisionAdapter, UltralyticsAdapter
 from detkd.adapters.torchvision import build_model
-from detkd.config import DistillConfig, FeatureLossConfig, LogitLossConfig, SecondStageConfig
+from detkd.config import BoxLossConfig, DistillConfig, FeatureLossConfig, LogitLossConfig, SecondStageConfig
 from detkd.distiller import Distiller
 from detkd.errors import DetkdError
 from detkd.ultralytics_internals import Assignment, ultralytics_offline
@@ -176,10 +176,43 @@ def test_teacher_judges_the_students_positives_and_top_anchors_and_teaches_the_s
         distiller(view_s, view_t, {"img": images})
 
 
+def test_dense_logit_and_box_terms_pair_the_students_anchors_with_the_teachers_dense_verdict():
+    """A two-stage teacher teaches through the YOLO recipe's dense terms: its dense verdict at the student's anchors
+    stands for a dense head (class probabilities as the sigmoid targets, the refined box of its best class)."""
+    student, s, t = _pair(seed=1)
+    cfg = DistillConfig(logit=LogitLossConfig(weight=2.0), box=BoxLossConfig(weight=1.0))
+    distiller = Distiller(cfg, s, t)
+    assert distiller.term_names == ["kd_cls", "kd_box"]
+    images = torch.rand(2, 3, 64, 64)
+    view_t = t(images)
+    student.train()
+    view_s = s.view(student(images))
+    terms = distiller(view_s, view_t, {"img": images})
+
+    verdict = t.dense_verdict(view_t, [8, 16, 32], (64, 64))
+    probs = verdict.class_logits.softmax(-1).view(2, -1, 4)  # (images, anchors, background + 3 classes)
+    paired = probs[..., [1, 3]]  # car, bus: the classes both know (person has no teacher counterpart)
+    weights = paired.amax(-1)  # locations: teacher
+    s_cls = view_s.cls_logits.detach()[..., [0, 2]]
+    per_anchor = torch.nn.functional.binary_cross_entropy(s_cls.sigmoid(), paired, reduction="none").sum(-1)
+    expected = 2.0 * (per_anchor * weights).sum() / weights.sum().clamp(min=1.0)
+    assert terms["kd_cls"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+    best = verdict.class_logits[:, 1:].argmax(-1) + 1
+    target = verdict.boxes[torch.arange(len(best)), best].view(2, -1, 4) / view_s.stride_tensor  # grid units
+    parts = losses.box_distill(view_s.boxes_xyxy().detach(), target, weights=weights, iou_weight=1.0, l1_weight=1.0)
+    assert terms["kd_box"].item() == pytest.approx((parts["giou"] + parts["l1"]).item(), rel=1e-4)
+
+    sum(terms.values()).backward()
+    assert student.model[0].conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in t.model.parameters())
+
+
 def test_terms_the_teacher_cannot_feed_are_refused_with_one_line():
     _, s, t = _pair()
-    with pytest.raises(DetkdError, match=r"^recipe: distill.logit needs the teacher's dense per-anchor outputs, "):
-        Distiller(DistillConfig(logit=LogitLossConfig(weight=1.0)), s, t)
+    coarse = TorchvisionAdapter(build_model("fasterrcnn_mobilenet_v3_large_fpn", 4).eval(), TEACHER_NAMES)
+    with pytest.raises(DetkdError, match=r"^recipe: distill.logit pairs .* none at \[8, 16\] \(teacher strides"):
+        Distiller(DistillConfig(logit=LogitLossConfig(weight=1.0)), s, coarse)
     yolo_teacher = UltralyticsAdapter(DetectionModel("yolov8n.yaml", nc=3, verbose=False).eval())
     single_stage = r"^recipe: distill.second_stage needs a two-stage teacher's second stage \(RoI head\) .*Detection"
     with pytest.raises(DetkdError, match=single_stage):

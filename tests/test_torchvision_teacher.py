@@ -83,6 +83,51 @@ def test_second_stage_at_given_boxes_equals_torchvisions_roi_heads():
             torch.testing.assert_close(b_exp, b_got)
 
 
+def test_dense_verdict_judges_the_rpns_best_proposal_in_every_cell_of_the_students_levels():
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    teacher = TorchvisionAdapter(_frcnn(seed=3), NAMES)
+    images = torch.rand(2, 3, 64, 96)
+    view = teacher(images)
+    verdict = teacher.dense_verdict(view, [8, 16, 32], (64, 96))
+    cells = [(64 // s) * (96 // s) for s in (8, 16, 32)]
+    assert verdict.class_logits.shape == (2 * sum(cells), 4) and verdict.boxes.shape == (2 * sum(cells), 4, 4)
+
+    # independently: torchvision's own flattening of the RPN's outputs (its order is its anchors'), decoded by its
+    # box coder; per cell of the stride 8/16/32 levels, the proposal of highest objectness over the anchor shapes
+    rpn = teacher.model.rpn
+    with torch.no_grad():
+        objectness, deltas = rpn.head(view.feats)
+        anchors = rpn.anchor_generator(ImageList(images, [(64, 96)] * 2), view.feats)
+        shapes = rpn.anchor_generator.num_anchors_per_location()[0]
+        flat_obj, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(flat_deltas, anchors).view(2, -1, 4)
+    flat_obj = flat_obj.view(2, -1)
+    per_level = [shapes * f.shape[-2] * f.shape[-1] for f in view.feats]
+    expected = []
+    for image in range(2):
+        chosen = []
+        for level in (1, 2, 3):  # the FPN's stride 8, 16 and 32 levels
+            start = sum(per_level[:level])
+            obj = flat_obj[image, start : start + per_level[level]].view(-1, shapes)
+            boxes = proposals[image, start : start + per_level[level]].view(-1, shapes, 4)
+            chosen.append(boxes[torch.arange(len(obj)), obj.argmax(-1)])
+        expected.append(torch.cat(chosen).clamp(min=0).minimum(torch.tensor([96.0, 64.0, 96.0, 64.0])))
+    judged = teacher.second_stage(view, expected, (64, 96))
+    torch.testing.assert_close(verdict.class_logits, judged.class_logits)
+    torch.testing.assert_close(verdict.boxes, judged.boxes)
+
+    # a view cut to the second image judges that image's own features
+    cut = view.of_images(slice(1, 2))
+    alone = teacher(images[1:])
+    torch.testing.assert_close(
+        teacher.second_stage(cut, expected[1:], (64, 96)).class_logits,
+        teacher.second_stage(alone, expected[1:], (64, 96)).class_logits,
+    )
+    assert cut.two_stage is teacher
+
+
 def test_detections_are_torchvisions_on_the_unresized_batch():
     teacher = TorchvisionAdapter(_frcnn(seed=2), NAMES)
     teacher.model.roi_heads.score_thresh = 0.0  # an untrained head scores low: keep what it finds
@@ -179,12 +224,9 @@ def test_feature_terms_teach_a_yolo_student_and_dense_terms_are_refused(tmp_path
     assert student.model[0].conv.weight.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.feature_parts[0].parameters())
 
-    for bad, term in (
-        (DistillConfig(logit=LogitLossConfig(weight=1.0)), "distill.logit"),
-        (DistillConfig(feature=[FeatureLossConfig(loss="sl2")]), "distill.feature loss 'sl2'"),
-    ):
-        with pytest.raises(DetkdError, match=rf"recipe: {term} needs the teacher's dense per-anchor outputs, .*"):
-            Distiller(bad, s, t)
+    sl2 = DistillConfig(feature=[FeatureLossConfig(loss="sl2")])  # weighted by class scores on the teacher's levels
+    with pytest.raises(DetkdError, match=r"recipe: distill.feature loss 'sl2' needs the teacher's dense per-anchor "):
+        Distiller(sl2, s, t)
 
 
 def test_eval_gives_the_coco_table_for_a_torchvision_teacher(tmp_path, synth_data, run_detkd):

@@ -6,8 +6,10 @@ stride-8 teacher level pairs with the student's P3 cell for cell. What it offers
 
 - FPN (neck) levels with their real strides (4 ... 64 for a ResNet FPN), and the backbone's stage outputs (C2-C5);
 - RPN objectness, a dense class-agnostic map per level (one logit per anchor shape and cell);
-- no dense class or box head: the second stage is evaluated at boxes the caller gives (:meth:`second_stage`, also
-  offered by each view as ``view.second_stage``), and its final detections come from :meth:`detections`.
+- no dense class or box head: the second stage is evaluated at boxes the caller gives (:meth:`second_stage`; each
+  view carries the adapter as ``view.two_stage``), or at the RPN's best proposal in every cell of given levels, a
+  dense head made of the two stages (:meth:`dense_verdict`: the dense logit and box terms pair it with the
+  student's anchors); its final detections come from :meth:`detections`.
 
 A detkd torchvision teacher checkpoint is a plain ``torch.save`` dict (:func:`save_torchvision_teacher`): the
 architecture's name in :data:`ARCHITECTURES`, the class names by class-logit column, the input size it was
@@ -21,8 +23,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -134,19 +135,18 @@ class TorchvisionAdapter:
         return OrderedDict(), levels if isinstance(levels, dict) else OrderedDict([("0", levels)])
 
     def view(self, preds: tuple[OrderedDict[str, Tensor], OrderedDict[str, Tensor]]) -> DetectorView:
-        """The view of :meth:`_features`' output: both feature sets, and the second stage on its FPN levels (the
-        RPN's objectness on demand: :meth:`objectness`, so that a training step does not pay for what no term reads)."""
+        """The view of :meth:`_features`' output: both feature sets, and this adapter as its ``two_stage`` (the second
+        stage, the RPN's objectness and the dense verdict on demand, so that a training step does not pay for what
+        no term reads)."""
         stages, levels = preds
-        view = DetectorView(
+        return DetectorView(
             feats=list(levels.values()),
             strides=self.strides,
             names=self.names,
             backbone_feats=list(stages.values()) or None,
             backbone_strides=self.backbone_strides or None,
+            two_stage=self,
         )
-        # bound to a copy (without this field), so that the view and its function do not hold each other in a cycle
-        view.second_stage = partial(self.second_stage, replace(view))
-        return view
 
     def record_backbone(self) -> list:
         """Nothing to install: every view carries the backbone's stage outputs (for ``from: backbone`` terms)."""
@@ -180,6 +180,40 @@ class TorchvisionAdapter:
         class_logits, regression = heads.box_predictor(heads.box_head(pooled))
         refined = heads.box_coder.decode(regression, boxes) if boxes else regression.view(0, class_logits.shape[1], 4)
         return SecondStage(class_logits, box_ops.clip_boxes_to_image(refined, tuple(image_size)))
+
+    @torch.no_grad()
+    def dense_verdict(self, view: DetectorView, strides: list[int], image_size: tuple[int, int]) -> SecondStage:
+        """A dense head made of the two stages, on every cell of the levels of ``strides`` (the student's, each one
+        of this teacher's FPN strides): at each cell, the RPN's proposal of highest objectness there (over its anchor
+        shapes), judged by the second stage (:meth:`second_stage`). One row per cell, levels in ``strides`` order,
+        cells row-major: the order of a YOLO head's anchors, so that row a pairs with the student's anchor a.
+
+        What a dense teacher says at every anchor, whatever the student predicts there; the ``second_stage`` terms
+        judge the student's own boxes instead, so early in training (boxes still poor) the teacher calls nearly all of
+        them background."""
+        from torchvision.models.detection.image_list import ImageList
+        from torchvision.ops import boxes as box_ops
+
+        rpn, n = self.model.rpn, view.feats[0].shape[0]
+        objectness, deltas = rpn.head(view.feats)
+        shells = ImageList(view.feats[0].new_empty(n, 3, *image_size), [tuple(image_size)] * n)  # sizes only
+        anchors = rpn.anchor_generator(shells, view.feats)[0]  # the same for every image: levels, cells, shapes
+        per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+        anchors = anchors.split(per_level)
+        proposals = []
+        for stride in strides:
+            i = self._strides.index(stride)
+            obj, delta = objectness[i], deltas[i]  # (N, S, H, W), (N, S*4, H, W); S anchor shapes a cell
+            shapes, (h, w) = obj.shape[1], obj.shape[-2:]
+            obj = obj.permute(0, 2, 3, 1).reshape(n, h * w, shapes)
+            delta = delta.view(n, shapes, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w, shapes, 4)
+            best = obj.argmax(-1)  # (N, cells)
+            chosen = delta.gather(2, best[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
+            cell_anchors = anchors[i].view(h * w, shapes, 4)[torch.arange(h * w, device=best.device)[None], best]
+            boxes = rpn.box_coder.decode_single(chosen.reshape(-1, 4), cell_anchors.reshape(-1, 4))
+            proposals.append(boxes.view(n, h * w, 4))
+        proposals = box_ops.clip_boxes_to_image(torch.cat(proposals, 1), tuple(image_size))
+        return self.second_stage(view, list(proposals), image_size)
 
     @torch.no_grad()
     def detections(self, images: Tensor) -> list[dict[str, Tensor]]:

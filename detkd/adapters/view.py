@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -32,9 +31,11 @@ class DetectorView:
     # adapter records them: UltralyticsAdapter.record_backbone)
     backbone_feats: list[Tensor] | None = None
     backbone_strides: list[int] | None = None
-    # a two-stage detector's RoI head on this pass's features: (boxes per image (R_i, 4) xyxy pixels, (H, W) of the
-    # input) -> its verdict (detkd.adapters.torchvision.SecondStage); None for single-stage detectors
-    second_stage: Callable[[list[Tensor], tuple[int, int]], Any] | None = None
+    # a two-stage detector's adapter, whose second stage judges boxes on a view's features:
+    # ``two_stage.second_stage(view, boxes, image_size)`` and ``two_stage.dense_verdict(view, strides, image_size)``
+    # (detkd.adapters.torchvision). The adapter, not a function bound to one view, so that a view cut to some
+    # images (of_images) is judged on its own images' features. None for single-stage detectors
+    two_stage: Any = None
 
     @property
     def reg_max(self) -> int:
