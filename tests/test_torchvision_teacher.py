@@ -13,7 +13,7 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN
 
 from detkd.adapters import TorchvisionAdapter, UltralyticsAdapter, create_teacher, save_torchvision_teacher
 from detkd.adapters.torchvision import build_model, coco_names
-from detkd.config import DistillConfig, FeatureLossConfig, LogitLossConfig
+from detkd.config import DistillConfig, FeatureLossConfig
 from detkd.distiller import Distiller
 from detkd.errors import DetkdError
 from detkd.ultralytics_internals import ultralytics_offline
