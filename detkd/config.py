@@ -96,8 +96,9 @@ class SecondStageConfig:
     ``iou_aware``, each times the box's IoU with the teacher's refinement of it for that class) and refines it
     (``box``: the refined box as GIoU + L1 target, weighted by the teacher's confidence). See
     :mod:`detkd.losses.second_stage`. A section of its own, not ``logit``/``box``: their keys (locations,
-    temperature, LD, the teacher-better gate) pair dense anchors, which a two-stage teacher does not have, and each
-    kind of teacher refuses the other's terms in one line. Logged as ``kd_rcnn_cls`` and ``kd_rcnn_box``."""
+    temperature, LD, the teacher-better gate) pair dense anchors, which a two-stage teacher has only through its
+    dense verdict (the RPN's best proposal in each student cell, judged), and a single-stage teacher refuses these
+    terms in one line. Logged as ``kd_rcnn_cls`` and ``kd_rcnn_box``."""
 
     cls_weight: float = field(default=0.0, metadata=NON_NEGATIVE)
     box_weight: float = field(default=0.0, metadata=NON_NEGATIVE)

@@ -82,7 +82,8 @@ class DetectorAdapter(Protocol):
     off the output of the model's forward pass (a student's, with gradients); calling the adapter runs the frozen
     model on images (a teacher's).
     ``dense_head``: whether views carry per-anchor class and box outputs (logit and box terms pair them);
-    ``roi_head``: whether views carry a second stage that judges given boxes (the ``second_stage`` terms use it).
+    ``roi_head``: whether views carry a second stage that judges given boxes (``view.two_stage``: the
+    ``second_stage`` terms use it, and the dense terms its dense verdict).
     """
 
     model: nn.Module
