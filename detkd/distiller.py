@@ -220,7 +220,7 @@ class Distiller(nn.Module):
         if teacher.dense_head:
             return
         dense_terms = [name for name, c in (("distill.logit", cfg.logit), ("distill.box", cfg.box)) if c.weight > 0]
-        if dense_terms and hasattr(teacher, "dense_verdict"):
+        if dense_terms and getattr(teacher, "roi_head", False):  # a two-stage teacher: its dense verdict
             if missing := [s for s in s_strides if s not in teacher.strides]:
                 raise DetkdError(
                     f"recipe: {dense_terms[0]} pairs the student's anchors with the teacher's dense verdict, which "
@@ -373,7 +373,7 @@ class Distiller(nn.Module):
                 boxes=boxes[judged] if c.iou_aware else None,
                 refined_boxes=verdict.boxes if c.iou_aware else None,
             )
-            weights = losses.teacher_confidence(verdict.class_logits)[0] if c.teacher_weighted else None
+            weights = losses.teacher_best(verdict.class_logits, verdict.boxes)[0] if c.teacher_weighted else None
             out.append(c.cls_weight * losses.second_stage_class_kd(s_cls[judged], targets, known, weights))
         if c.box_weight > 0:
             parts = losses.second_stage_box_kd(
@@ -391,8 +391,7 @@ class Distiller(nn.Module):
         distances from the student's anchor points (decoded-box mode of the box term: no DFL to pair)."""
         verdict = t.two_stage.dense_verdict(t, s.strides, image_size)
         n, a = s.cls_logits.shape[:2]
-        _, best = losses.teacher_confidence(verdict.class_logits)
-        boxes = verdict.boxes[torch.arange(len(best), device=best.device), best].view(n, a, 4) / s.stride_tensor
+        boxes = losses.teacher_best(verdict.class_logits, verdict.boxes)[1].view(n, a, 4) / s.stride_tensor
         ltrb = torch.cat((s.anchor_points - boxes[..., :2], boxes[..., 2:] - s.anchor_points), -1)
         logits = torch.logit(verdict.class_logits.float().softmax(-1), eps=1e-6).view(n, a, -1)
         anchors = {"anchor_points": s.anchor_points, "stride_tensor": s.stride_tensor}

@@ -49,9 +49,10 @@ def test_teacher_probabilities_become_student_class_targets_with_background_and_
     torch.testing.assert_close(student.grad[:, [0, 2]], (sigmoid - targets)[:, [0, 2]] / 2)  # d BCE / d logit
 
     # weighted by the teacher's confidence: its largest non-background probability, 0.6 (car) and 0.2 (bus)
-    confidence, best = losses.teacher_confidence(class_logits)
+    refined = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 4, 4)
+    confidence, box = losses.teacher_best(class_logits, refined)
     torch.testing.assert_close(confidence, torch.tensor([0.6, 0.2]))
-    assert best.tolist() == [1, 3]
+    torch.testing.assert_close(box, torch.stack([refined[0, 1], refined[1, 3]]))  # each box's best class's refinement
     weighted = losses.second_stage_class_kd(student.detach(), targets, known, confidence)
     by_hand = (0.6 * (_bce(2.0, 0.6) + _bce(-1.0, 0.1)) + 0.2 * (_bce(-3.0, 0.05) + _bce(0.5, 0.2))) / 0.8
     assert weighted.item() == pytest.approx(by_hand, rel=1e-6)
@@ -142,7 +143,7 @@ def test_teacher_judges_the_students_positives_and_top_anchors_and_teaches_the_s
     assert aware(view_s, view_t, {"img": images}, assigned)["kd_rcnn_cls"].item() == pytest.approx(expected.item())
     weighting = replace(cfg.second_stage, iou_aware=True, teacher_weighted=True)
     weighted = Distiller(replace(cfg, second_stage=weighting), s, t)
-    confidence = verdict.class_logits.softmax(-1)[:, 1:].amax(-1)
+    confidence = verdict.class_logits.softmax(-1)[:, 1:].amax(-1)  # by hand, not through teacher_best
     per_box = torch.nn.functional.binary_cross_entropy_with_logits(cls.detach()[judged], targets, reduction="none")
     expected = 2.0 * ((per_box * known).sum(-1) * confidence).sum() / confidence.sum()
     assert weighted(view_s, view_t, {"img": images}, assigned)["kd_rcnn_cls"].item() == pytest.approx(expected.item())

@@ -195,15 +195,15 @@ class TorchvisionAdapter:
         from torchvision.ops import boxes as box_ops
 
         rpn, n = self.model.rpn, view.feats[0].shape[0]
-        objectness, deltas = rpn.head(view.feats)
-        shells = ImageList(view.feats[0].new_empty(n, 3, *image_size), [tuple(image_size)] * n)  # sizes only
-        anchors = rpn.anchor_generator(shells, view.feats)[0]  # the same for every image: levels, cells, shapes
-        per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
-        anchors = anchors.split(per_level)
+        levels = [self._strides.index(stride) for stride in strides]
+        objectness, deltas = rpn.head([view.feats[i] for i in levels])  # the RPN's convolutions on those levels only
+        # the anchors of every level (the generator pairs its sizes with all of them), the same for every image
+        shell = ImageList(view.feats[0].new_empty(1, 3, *image_size), [tuple(image_size)])  # its sizes only
+        shapes_per_level = rpn.anchor_generator.num_anchors_per_location()
+        counts = [k * f.shape[-2] * f.shape[-1] for k, f in zip(shapes_per_level, view.feats)]
+        anchors = rpn.anchor_generator(shell, view.feats)[0].split(counts)
         proposals = []
-        for stride in strides:
-            i = self._strides.index(stride)
-            obj, delta = objectness[i], deltas[i]  # (N, S, H, W), (N, S*4, H, W); S anchor shapes a cell
+        for i, obj, delta in zip(levels, objectness, deltas):  # (N, S, H, W), (N, S*4, H, W); S anchor shapes a cell
             shapes, (h, w) = obj.shape[1], obj.shape[-2:]
             obj = obj.permute(0, 2, 3, 1).reshape(n, h * w, shapes)
             delta = delta.view(n, shapes, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w, shapes, 4)

@@ -5,7 +5,7 @@ Feature imitation (``feature``): :func:`fitnet`, :func:`cwd`, :func:`pkd`, :func
 :mod:`detkd.losses.registry` (:data:`FEATURE_LOSSES`; add one with :func:`register_feature_loss`). Logits
 (``logit``): :func:`kd_sigmoid`. Boxes (``box``): :func:`ld`, :func:`box_distill`. A two-stage teacher's RoI head
 judging the student's boxes (``second_stage``): :func:`second_stage_targets`, :func:`second_stage_class_kd`,
-:func:`second_stage_box_kd`, :func:`teacher_confidence`. Teacher inputs are always
+:func:`second_stage_box_kd`, :func:`teacher_best`. Teacher inputs are always
 detached inside the losses. :func:`paired_iou`: the IoU of boxes paired element-wise, for the terms that weigh by it.
 """
 
@@ -18,7 +18,7 @@ from detkd.losses.second_stage import (
     second_stage_box_kd,
     second_stage_class_kd,
     second_stage_targets,
-    teacher_confidence,
+    teacher_best,
 )
 
 __all__ = [
@@ -39,5 +39,5 @@ __all__ = [
     "second_stage_box_kd",
     "second_stage_class_kd",
     "second_stage_targets",
-    "teacher_confidence",
+    "teacher_best",
 ]

@@ -76,7 +76,7 @@ def second_stage_class_kd(
     """Σ_r Σ_c known_rc · BCE(σ(s_rc), p_rc) / max(R, 1): soft-target BCE per student class with a teacher
     counterpart, summed over classes, averaged over the R judged boxes. ``student_logits`` (R, nc) raw. With
     ``weights`` (R,) a weighted mean over the boxes instead, Σ_r w_r · (...) / Σ_r w_r: with the teacher's
-    confidence in each box (:func:`teacher_confidence`), the many boxes it calls background do not dilute the
+    confidence in each box (:func:`teacher_best`), the many boxes it calls background do not dilute the
     ones it recognises when it judges every anchor, as the dense logit term's ``locations: teacher`` does."""
     if student_logits.shape != targets.shape or targets.shape != known.shape:
         raise ValueError(
@@ -91,11 +91,12 @@ def second_stage_class_kd(
     return (per_box * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
-def teacher_confidence(class_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """(confidence, class) per judged box: the teacher's largest non-background probability and its class column
-    (1 ... K). ``class_logits`` (R, K+1), column 0 background."""
+def teacher_best(class_logits: Tensor, refined_boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """(confidence (R,), box (R, 4)) per judged box: the teacher's largest non-background probability and its
+    refinement of the box for that class. ``class_logits`` (R, K+1), column 0 background; ``refined_boxes``
+    (R, K+1, 4)."""
     confidence, best = upcast(class_logits.detach()).softmax(-1)[:, 1:].max(-1)
-    return confidence, best + 1
+    return confidence, refined_boxes.detach()[torch.arange(len(best), device=best.device), best + 1]
 
 
 def second_stage_box_kd(
@@ -108,8 +109,7 @@ def second_stage_box_kd(
     """``{"giou", "l1"}`` between the student's decoded boxes (R, 4 xyxy pixels) and the teacher's refinement of
     them: for each box, ``refined_boxes`` (R, K+1, 4) at the teacher's most probable non-background class, weighted
     by that probability (Σ w·loss / Σ w; L1 divided by the image size (H, W)). Gradients reach the student boxes."""
-    confidence, best = teacher_confidence(class_logits)
-    target = refined_boxes.detach()[torch.arange(len(best), device=best.device), best]
+    confidence, target = teacher_best(class_logits, refined_boxes)
     return box_distill(
         student_boxes, target, weights=confidence, image_size=image_size, iou_weight=1.0, l1_weight=l1_weight
     )
