@@ -112,6 +112,12 @@ class SecondStageConfig:
     # as the box term is; false: a plain mean over the judged boxes. For a teacher judging every anchor (a large
     # topk), where boxes it calls background would otherwise outnumber and dilute the ones it recognises
     teacher_weighted: bool = False
+    # how distill.logit and distill.box see this teacher (its dense verdict: each student cell's best RPN proposal,
+    # judged). "cells": every cell's verdict as it is, which near an object says "object" in several times as many
+    # cells as a TAL-trained YOLO head does; "aligned": only at the cells Ultralytics' task-aligned assigner gives
+    # the verdict's own detections (after the RoI head's NMS), its class probabilities scaled to the assigner's
+    # IoU-aligned score there, background elsewhere: the sparse form a YOLO student's own class targets take
+    dense: Literal["cells", "aligned"] = "cells"
 
     @property
     def active(self) -> bool:

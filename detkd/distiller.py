@@ -24,7 +24,7 @@ from detkd.adapters.view import DetectorAdapter, DetectorView
 from detkd.config import DistillConfig, FeatureLossConfig, ScheduleConfig
 from detkd.errors import DetkdError
 from detkd.losses.registry import FeatureLoss
-from detkd.ultralytics_internals import Assignment
+from detkd.ultralytics_internals import Assignment, task_aligned_targets
 from detkd.utils import class_key
 
 
@@ -217,6 +217,11 @@ class Distiller(nn.Module):
                 f"student's boxes, which this teacher ({type(teacher.model).__name__}: single-stage) does not have; "
                 "use distill.logit and distill.box with it"
             )
+        if cfg.second_stage.dense != "cells" and not getattr(teacher, "roi_head", False):
+            raise DetkdError(
+                f"recipe: distill.second_stage.dense shapes a two-stage teacher's dense verdict, which this teacher "
+                f"({type(teacher.model).__name__}: single-stage, a dense head of its own) does not make; remove it"
+            )
         if teacher.dense_head:
             return
         dense_terms = [name for name, c in (("distill.logit", cfg.logit), ("distill.box", cfg.box)) if c.weight > 0]
@@ -298,7 +303,7 @@ class Distiller(nn.Module):
             terms[next(names)] = f.weight * total
         if self.cfg.logit.weight > 0 or self.cfg.box.weight > 0:
             if t.cls_logits is None:  # a two-stage teacher: its dense verdict at the student's anchors
-                t = self._dense_teacher(s, t, tuple(batch["img"].shape[-2:]))
+                t = self._dense_teacher(s, t, tuple(batch["img"].shape[-2:]), self.cfg.second_stage.dense)
             t_cls = t.cls_logits.float().detach()[..., self.teacher_classes]
             s_cls = s.cls_logits.float()[..., self.student_classes]
             locations = {}  # per location kind (and the gate), computed once when logit and box terms share it
@@ -383,19 +388,26 @@ class Distiller(nn.Module):
         return out
 
     @staticmethod
-    def _dense_teacher(s: DetectorView, t: DetectorView, image_size: tuple[int, int]) -> DetectorView:
+    def _dense_teacher(s: DetectorView, t: DetectorView, image_size: tuple[int, int], form: str) -> DetectorView:
         """A two-stage teacher's view with dense outputs at the student's anchors, from its dense verdict
         (:meth:`~detkd.adapters.torchvision.TorchvisionAdapter.dense_verdict`): class logits whose sigmoids are its
         softmax probabilities (column 0, background, pairs with no student class), so the logit term's soft targets
         and ``locations: teacher`` read them as a YOLO teacher's; and the refined box of its most probable class, as
-        distances from the student's anchor points (decoded-box mode of the box term: no DFL to pair)."""
+        distances from the student's anchor points (decoded-box mode of the box term: no DFL to pair). ``form``
+        (``second_stage.dense``): ``aligned`` keeps the probabilities only where :func:`aligned_verdict` says."""
         verdict = t.two_stage.dense_verdict(t, s.strides, image_size)
         n, a = s.cls_logits.shape[:2]
-        boxes = losses.teacher_best(verdict.class_logits, verdict.boxes)[1].view(n, a, 4) / s.stride_tensor
+        best = losses.teacher_best(verdict.class_logits, verdict.boxes)
+        confidence, box, column = (x.view(n, a, *x.shape[1:]) for x in best)
+        probs = verdict.class_logits.float().softmax(-1).view(n, a, -1)
+        if form == "aligned":
+            kept = [t.two_stage.kept_detections(*image) for image in zip(box, confidence, column)]
+            points = s.anchor_points * s.stride_tensor
+            probs = aligned_verdict(probs, box, column, kept, points, s.strides)
+        boxes = box / s.stride_tensor
         ltrb = torch.cat((s.anchor_points - boxes[..., :2], boxes[..., 2:] - s.anchor_points), -1)
-        logits = torch.logit(verdict.class_logits.float().softmax(-1), eps=1e-6).view(n, a, -1)
         anchors = {"anchor_points": s.anchor_points, "stride_tensor": s.stride_tensor}
-        return replace(t, cls_logits=logits, box_ltrb=ltrb, **anchors)
+        return replace(t, cls_logits=torch.logit(probs, eps=1e-6), box_ltrb=ltrb, **anchors)
 
     @staticmethod
     def _resize(s_map: Tensor, t_feat: Tensor) -> Tensor:
@@ -412,6 +424,31 @@ class Distiller(nn.Module):
         if assigned is None:
             raise DetkdError("recipe: locations 'positives' needs the student's assigner, which this criterion lacks")
         return assigned.fg_mask.float()
+
+
+def aligned_verdict(
+    probs: Tensor, boxes: Tensor, columns: Tensor, kept: list[Tensor], points: Tensor, strides: list[int]
+) -> Tensor:
+    """A dense verdict's class probabilities (N, A, K+1; column 0 background) where a TAL-trained head would speak.
+
+    The verdict's own detections (``kept``: per image, the cells whose best-class ``boxes`` (N, A, 4) pixels and
+    class ``columns`` (N, A) the RoI head's postprocessing keeps) are the objects; Ultralytics' task-aligned assigner
+    (:func:`~detkd.ultralytics_internals.task_aligned_targets`, the student criterion's settings) picks their cells
+    from the verdict's probabilities and boxes at the anchor ``points`` (A, 2) pixels. Each object's best-aligned cell
+    keeps the verdict's probabilities; its other cells keep them times their alignment relative to that cell's (TAL's
+    p^0.5·IoU^6: a looser box counts much less); every other cell is background (0). Never more confident than the
+    verdict itself, it says "object" in about as many cells as a YOLO head trained by the same assigner, where the
+    plain verdict says so in every cell near an object (detkd's form; the README's Faster R-CNN section measures
+    both)."""
+    foreground = probs[..., 1:]
+    labels = [c[k] - 1 for c, k in zip(columns, kept)]
+    objects = [b[k] for b, k in zip(boxes, kept)]
+    targets, assigned, owner = task_aligned_targets(foreground, boxes, points, labels, objects, strides)
+    score = targets.amax(-1) * assigned
+    best = score.new_zeros(len(score), max(map(len, kept), default=0) + 1).scatter_reduce(1, owner, score, "amax")
+    relative = score / best.gather(1, owner).clamp_min(1e-12)
+    sharp = foreground * relative[..., None]
+    return torch.cat((1 - sharp.sum(-1, keepdim=True), sharp), -1)
 
 
 def teacher_better_classes(s_cls: Tensor, t_cls: Tensor, target_scores: Tensor) -> Tensor:

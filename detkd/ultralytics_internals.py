@@ -374,6 +374,33 @@ def on_assignment(criterion, callback: Callable[[Assignment], None]) -> torch.ut
     )
 
 
+def task_aligned_targets(
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    points: torch.Tensor,
+    labels: list[torch.Tensor],
+    objects: list[torch.Tensor],
+    strides: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ultralytics' task-aligned assignment (TOOD's TAL), configured as its YOLOv8 detection criterion configures
+    it (``v8DetectionLoss``: ``tal_topk`` 10, α 0.5, β 6.0, the head's strides), for objects that are not labels.
+
+    ``scores`` (N, A, C) probabilities and ``boxes`` (N, A, 4) xyxy pixels at ``points`` (A, 2) pixels; per image,
+    ``labels`` (M_i,) class indices and ``objects`` (M_i, 4) xyxy pixels. Returns ``(target_scores (N, A, C), fg_mask
+    (N, A), owner (N, A))``: at each assigned anchor its object's class with the IoU-aligned score the criterion trains
+    the class sigmoids towards (the alignment p^α·IoU^β normalised so that each object's best anchor gets its best
+    IoU), 0 elsewhere; and the index of the object it was given (in ``objects`` of its image; 0 where none)."""
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    n, most = scores.shape[0], max((len(o) for o in objects), default=0)
+    gt_labels, gt_boxes, gt_mask = (scores.new_zeros(n, most, k) for k in (1, 4, 1))
+    for i, (label, box) in enumerate(zip(labels, objects)):
+        gt_labels[i, : len(label), 0], gt_boxes[i, : len(box)], gt_mask[i, : len(box)] = label.to(scores), box, 1
+    assigner = TaskAlignedAssigner(topk=10, num_classes=scores.shape[-1], alpha=0.5, beta=6.0, stride=list(strides))
+    _, _, target_scores, fg_mask, owner = assigner(scores, boxes, points, gt_labels, gt_boxes, gt_mask)
+    return target_scores, fg_mask, owner.long()
+
+
 class StudentAndDistiller(nn.Module):
     """One module over everything trainable, so that ``build_optimizer`` groups the distiller's parameters (its
     connectors) by module type too. Under MuSGD it looks the student's head up as ``model.student_model`` (the

@@ -14,7 +14,7 @@ from detkd import losses
 from detkd.adapters import TorchvisionAdapter, UltralyticsAdapter
 from detkd.adapters.torchvision import build_model
 from detkd.config import BoxLossConfig, DistillConfig, FeatureLossConfig, LogitLossConfig, SecondStageConfig
-from detkd.distiller import Distiller
+from detkd.distiller import Distiller, aligned_verdict
 from detkd.errors import DetkdError
 from detkd.ultralytics_internals import Assignment, ultralytics_offline
 
@@ -50,8 +50,9 @@ def test_teacher_probabilities_become_student_class_targets_with_background_and_
 
     # weighted by the teacher's confidence: its largest non-background probability, 0.6 (car) and 0.2 (bus)
     refined = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 4, 4)
-    confidence, box = losses.teacher_best(class_logits, refined)
+    confidence, box, column = losses.teacher_best(class_logits, refined)
     torch.testing.assert_close(confidence, torch.tensor([0.6, 0.2]))
+    assert column.tolist() == [1, 3]
     torch.testing.assert_close(box, torch.stack([refined[0, 1], refined[1, 3]]))  # each box's best class's refinement
     weighted = losses.second_stage_class_kd(student.detach(), targets, known, confidence)
     by_hand = (0.6 * (_bce(2.0, 0.6) + _bce(-1.0, 0.1)) + 0.2 * (_bce(-3.0, 0.05) + _bce(0.5, 0.2))) / 0.8
@@ -209,6 +210,67 @@ def test_dense_logit_and_box_terms_pair_the_students_anchors_with_the_teachers_d
     assert all(p.grad is None for p in t.model.parameters())
 
 
+def test_aligned_verdict_keeps_the_teachers_view_only_at_the_cells_the_task_aligned_assigner_picks():
+    """One object (the verdict's detection at cell 0) over a stride-8 row of 12 cells: TAL's candidates are the
+    cells whose centres lie inside it (0 and 1; fewer than its top 10, so both), each aligned as p^0.5 · CIoU^6 and
+    the best keeps the verdict's probabilities, the other is scaled by its alignment relative to the best's."""
+    from torchvision.ops import complete_box_iou
+
+    points = torch.stack((torch.arange(4.0, 96, 8), torch.full((12,), 4.0)), -1)
+    obj = torch.tensor([0.0, 0.0, 16.0, 8.0])
+    boxes = torch.stack([obj, torch.tensor([4.0, 0.0, 16.0, 8.0])] + [obj + 16] * 10)[None]
+    foreground = torch.cat((torch.tensor([[0.8, 0.1], [0.4, 0.3], [0.05, 0.9]]), torch.zeros(9, 2)))[None]
+    probs = torch.cat((1 - foreground.sum(-1, keepdim=True), foreground), -1)
+    columns = torch.tensor([[1, 1, 2] + [1] * 9])  # class-logit columns of each cell's best class
+    sharp = aligned_verdict(probs, boxes, columns, [torch.tensor([0])], points, [8])
+
+    ciou = complete_box_iou(obj[None], boxes[0, :2])[0]
+    metric = foreground[0, :2, 0].sqrt() * ciou.pow(6)
+    expected = torch.zeros(12, 2)
+    expected[:2] = foreground[0, :2] * (metric / metric.max())[:, None]
+    torch.testing.assert_close(sharp[0, :, 1:], expected)
+    torch.testing.assert_close(sharp[0, :, 0], 1 - expected.sum(-1))
+    assert sharp[0, 0, 1] == 0.8 and 0 < sharp[0, 1, 1] < 0.1  # the exact box as it is; the loose one, far lower
+    nothing = aligned_verdict(probs, boxes, columns, [torch.tensor([], dtype=torch.long)], points, [8])
+    assert nothing[..., 1:].abs().max() == 0  # no detection: background everywhere
+
+
+def test_kept_detections_are_the_roi_heads_own_choice():
+    _, _, t = _pair()
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [30, 30, 40, 40], [0, 0, 10, 10.0]])
+    scores = torch.tensor([0.6, 0.9, 0.7, 0.3, 0.04])
+    labels = torch.tensor([1, 1, 2, 1, 1])
+    # 1 suppresses 0 (same class, IoU 0.82); 2 survives (another class); 4 is under the score threshold (0.05)
+    assert t.kept_detections(boxes, scores, labels).tolist() == [1, 2, 3]
+    t.model.roi_heads.detections_per_img = 2
+    assert t.kept_detections(boxes, scores, labels).tolist() == [1, 2]
+
+
+def test_the_aligned_dense_verdict_is_what_the_dense_terms_read():
+    student, s, t = _pair(seed=2)
+    cfg = DistillConfig(logit=LogitLossConfig(weight=1.0), second_stage=SecondStageConfig(dense="aligned"))
+    images = torch.rand(2, 3, 64, 64)
+    view_t = t(images)
+    student.train()
+    view_s = s.view(student(images))
+    value = Distiller(cfg, s, t)(view_s, view_t, {"img": images})["kd_cls"]
+
+    verdict = t.dense_verdict(view_t, [8, 16, 32], (64, 64))
+    probs = verdict.class_logits.softmax(-1).view(2, -1, 4)
+    confidence, best = probs[..., 1:].max(-1)
+    boxes = verdict.boxes.view(2, -1, 4, 4).gather(2, (best + 1)[..., None, None].expand(-1, -1, 1, 4)).squeeze(2)
+    kept = [t.kept_detections(*image) for image in zip(boxes, confidence, best + 1)]
+    assert sum(map(len, kept)) > 0  # an untrained teacher's near-uniform softmax passes the 0.05 threshold
+    points = view_s.anchor_points * view_s.stride_tensor
+    paired = aligned_verdict(probs, boxes, best + 1, kept, points, [8, 16, 32])[..., [1, 3]]
+    assert 0 < (paired.amax(-1) > 0).sum() < paired.shape[0] * paired.shape[1]  # the cells left are background
+    weights = paired.amax(-1)
+    s_cls = view_s.cls_logits.detach()[..., [0, 2]]
+    per_anchor = torch.nn.functional.binary_cross_entropy(s_cls.sigmoid(), paired, reduction="none").sum(-1)
+    expected = (per_anchor * weights).sum() / weights.sum().clamp(min=1.0)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_terms_the_teacher_cannot_feed_are_refused_with_one_line():
     _, s, t = _pair()
     coarse = TorchvisionAdapter(build_model("fasterrcnn_mobilenet_v3_large_fpn", 4).eval(), TEACHER_NAMES)
@@ -218,6 +280,8 @@ def test_terms_the_teacher_cannot_feed_are_refused_with_one_line():
     single_stage = r"^recipe: distill.second_stage needs a two-stage teacher's second stage \(RoI head\) .*Detection"
     with pytest.raises(DetkdError, match=single_stage):
         Distiller(DistillConfig(second_stage=SecondStageConfig(box_weight=1.0)), s, yolo_teacher)
+    with pytest.raises(DetkdError, match=r"^recipe: distill.second_stage.dense shapes a two-stage teacher's dense"):
+        Distiller(DistillConfig(second_stage=SecondStageConfig(dense="aligned")), s, yolo_teacher)
     no_shared = {1: "boat", 2: "kite", 3: "train"}
     t_other = TorchvisionAdapter(t.model, no_shared)
     with pytest.raises(DetkdError, match="needs classes that teacher and student share"):

@@ -215,6 +215,17 @@ class TorchvisionAdapter:
         proposals = box_ops.clip_boxes_to_image(torch.cat(proposals, 1), tuple(image_size))
         return self.second_stage(view, list(proposals), image_size)
 
+    def kept_detections(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
+        """Indices, best first, of the detections of one image (``boxes`` (R, 4), ``scores`` (R,), ``labels`` (R,))
+        that the RoI head's postprocessing keeps: score at least its ``score_thresh``, per-class NMS at its
+        ``nms_thresh``, at most ``detections_per_img``."""
+        from torchvision.ops import boxes as box_ops
+
+        heads = self.model.roi_heads
+        candidates = torch.where(scores >= heads.score_thresh)[0]
+        kept = box_ops.batched_nms(boxes[candidates], scores[candidates], labels[candidates], heads.nms_thresh)
+        return candidates[kept[: heads.detections_per_img]]
+
     @torch.no_grad()
     def detections(self, images: Tensor) -> list[dict[str, Tensor]]:
         """torchvision's final detections (its RPN, second stage, score threshold and NMS) on letterboxed RGB 0-1

@@ -91,12 +91,13 @@ def second_stage_class_kd(
     return (per_box * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
-def teacher_best(class_logits: Tensor, refined_boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """(confidence (R,), box (R, 4)) per judged box: the teacher's largest non-background probability and its
-    refinement of the box for that class. ``class_logits`` (R, K+1), column 0 background; ``refined_boxes``
-    (R, K+1, 4)."""
+def teacher_best(class_logits: Tensor, refined_boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(confidence (R,), box (R, 4), column (R,)) per judged box: the teacher's largest non-background probability,
+    its refinement of the box for that class, and that class's column. ``class_logits`` (R, K+1), column 0
+    background; ``refined_boxes`` (R, K+1, 4)."""
     confidence, best = upcast(class_logits.detach()).softmax(-1)[:, 1:].max(-1)
-    return confidence, refined_boxes.detach()[torch.arange(len(best), device=best.device), best + 1]
+    column = best + 1
+    return confidence, refined_boxes.detach()[torch.arange(len(best), device=best.device), column], column
 
 
 def second_stage_box_kd(
@@ -109,7 +110,7 @@ def second_stage_box_kd(
     """``{"giou", "l1"}`` between the student's decoded boxes (R, 4 xyxy pixels) and the teacher's refinement of
     them: for each box, ``refined_boxes`` (R, K+1, 4) at the teacher's most probable non-background class, weighted
     by that probability (Σ w·loss / Σ w; L1 divided by the image size (H, W)). Gradients reach the student boxes."""
-    confidence, target = teacher_best(class_logits, refined_boxes)
+    confidence, target, _ = teacher_best(class_logits, refined_boxes)
     return box_distill(
         student_boxes, target, weights=confidence, image_size=image_size, iou_weight=1.0, l1_weight=l1_weight
     )
