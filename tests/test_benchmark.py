@@ -210,6 +210,13 @@ def test_summarise_over_seeds_against_baseline_and_teacher():
     assert cwd["paired_gains_AP"] == pytest.approx({0: 0.01}) and cwd["gain_sigma"] is None
 
 
+def test_a_ceiling_gives_the_share_of_its_difference_to_the_baseline_each_method_recovers():
+    rows = {r["method"]: r for r in summarise(RUNS, ["alone", "kd", "cwd"], "alone", teacher_ap=0.42, ceiling="kd")}
+    assert rows["cwd"]["labels_recovered"] == pytest.approx((0.31 - 0.32) / (0.37 - 0.32))
+    assert rows["kd"]["labels_recovered"] == pytest.approx(1.0) and rows["alone"]["labels_recovered"] == 0
+    assert all(r["labels_recovered"] is None for r in summarise(RUNS, ["alone", "kd"], "alone", teacher_ap=0.42))
+
+
 def test_without_baseline_or_teacher_the_relative_columns_are_empty():
     rows = summarise(RUNS, ["kd"], "alone", teacher_ap=None)
     assert rows[0]["gap_closed"] is None and rows[0]["time_ratio"] is None and rows[0]["gain_AP"] is None

@@ -171,6 +171,9 @@ def test_tiny_unlabeled_benchmark_runs_every_kind_of_data_and_reports(teacher_ch
     md = (out / "results.md").read_text()
     assert "25 % of train labeled, the rest unlabeled with 6 frames of synthetic footage at 5 fps" in md
     assert all(f"| {m['method']} | " in md for m in report["methods"])
+    assert "| labels recovered |" in md and "Labels recovered: (AP − AP_alone) / (AP_ceiling − AP_alone)" in md
+    ceiling = report["methods"][-1]  # 1 (all of it), or none when 1 epoch leaves the ceiling no better than alone
+    assert ceiling["labels_recovered"] in (pytest.approx(1.0), None)
 
     def trained_on(method: str) -> str:
         return yaml.safe_load((out / "runs" / f"{method}_s0" / "args.yaml").read_text())["data"]

@@ -31,12 +31,15 @@ def gap_closed(ap: float, alone_ap: float, teacher_ap: float) -> float | None:
     return (ap - alone_ap) / (teacher_ap - alone_ap) if teacher_ap > alone_ap else None
 
 
-def summarise(runs: list[dict], order: list[str], baseline: str | None, teacher_ap: float | None) -> list[dict]:
+def summarise(
+    runs: list[dict], order: list[str], baseline: str | None, teacher_ap: float | None, ceiling: str | None = None
+) -> list[dict]:
     """Per method with runs (in ``order``): COCO metrics as mean ± std over seeds, AP gain over the baseline (of the
     means, and paired: seed by seed where both ran), the gain in standard deviations of the baseline's AP over seeds
     (with 2 seeds or more of each: how far outside the baseline's seed noise it lies), the fraction of the
     teacher–student gap closed, seconds per epoch as a ratio to the baseline's, peak memory (the largest over seeds)
-    and the mean mAP curve."""
+    and the mean mAP curve. With a ``ceiling`` method (the student on every image fully labeled, in a profile that
+    hides some labels), the fraction of the baseline–ceiling difference recovered, as the gap closed is computed."""
     rows = [_summarise_method(name, [r for r in runs if r["method"] == name]) for name in order]
     rows = [r for r in rows if r is not None]
     base = next((r for r in rows if r["method"] == baseline), None)
@@ -49,6 +52,8 @@ def summarise(runs: list[dict], order: list[str], baseline: str | None, teacher_
         paired = sorted(set(row["ap_by_seed"]) & set(base["ap_by_seed"])) if base else []
         row["paired_gains_AP"] = {seed: row["ap_by_seed"][seed] - base["ap_by_seed"][seed] for seed in paired}
         row["gap_closed"] = None if None in (base_ap, teacher_ap) else gap_closed(ap, base_ap, teacher_ap)
+        top = next((r["metrics"]["AP"]["mean"] for r in rows if r["method"] == ceiling), None)
+        row["labels_recovered"] = None if None in (base_ap, top) else gap_closed(ap, base_ap, top)
         row["time_ratio"] = tpe / base_tpe if tpe and base_tpe else None
     return rows
 
@@ -89,7 +94,10 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
     """Everything finished so far in the bench's output folder, summarised."""
     profile, teacher = bench.profile, bench.teacher.finished()
     runs = bench.finished_runs()
-    methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher and teacher["metrics"]["AP"])
+    # a profile that hides labels measures what its methods recover against the student on all of them, labeled
+    ceiling = next((m.name for m in profile.methods if m.kind == "alone" and m.data == "all"), None)
+    teacher_ap = teacher and teacher["metrics"]["AP"]
+    methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher_ap, ceiling)
     kinds = {m.name: m.kind for m in profile.methods}
     trained_on = {m.name: m.data for m in profile.methods}
     what = {m.name: describe_method(m, profile.student) for m in profile.methods}
@@ -146,6 +154,8 @@ def format_markdown(report: dict) -> str:
     teacher_ap = _cell(teacher["metrics"] and teacher["metrics"]["AP"], ".4f")
     base = next((r for r in report["methods"] if r["method"] == report["baseline"]), None)
     memory = "CUDA allocated" if any(r["memory"] == "cuda" for r in report["methods"]) else "resident set size"
+    ceiling = next((r["method"] for r in report["methods"] if r["data"] == "all"), None)
+    recovered = ceiling is not None
     lines = [
         f"# detkd benchmark: {report['profile']}",
         "",
@@ -159,8 +169,9 @@ def format_markdown(report: dict) -> str:
         *_trained_on(report["methods"]),
         "",
         "| method | AP | AP50 | AP75 | APs | APm | APl | seeds | AP gain (per seed) | gain/σ | gap closed "
-        "| time/epoch | peak mem (MB) |",
-        "|---|" + "---|" * 12,
+        + ("| labels recovered " if recovered else "")
+        + "| time/epoch | peak mem (MB) |",
+        "|---|" + "---|" * (12 + recovered),
     ]
     for r in report["methods"]:
         gap = r["gap_closed"] and 100 * r["gap_closed"]
@@ -171,6 +182,7 @@ def format_markdown(report: dict) -> str:
             _gains(r, report["baseline"]),
             _cell(r["gain_sigma"], ".1f"),
             _cell(gap, ".1f", " %"),
+            *([_cell(r.get("labels_recovered") and 100 * r["labels_recovered"], ".1f", " %")] if recovered else []),
             _cell(r["time_ratio"], ".2f", "×"),
             _cell(r["peak_memory_mb"], ".0f"),
         ]
@@ -181,7 +193,13 @@ def format_markdown(report: dict) -> str:
         "baseline's, then (in brackets) seed by seed where both ran. Gain/σ: the gain over the standard deviation of "
         "the baseline's AP over its seeds (2 or more seeds of each). Gap closed: (AP − AP_alone) / (AP_teacher − "
         "AP_alone). Time/epoch: wall time per epoch (training and validation) over the baseline's. Peak memory: "
-        f"{memory} of the training process (data-loading workers not included), the largest over seeds.",
+        f"{memory} of the training process (data-loading workers not included), the largest over seeds."
+        + (
+            f" Labels recovered: (AP − AP_{report['baseline']}) / (AP_{ceiling} − AP_{report['baseline']}), the "
+            "share of what the hidden labels are worth that the method gets back without them."
+            if recovered
+            else ""
+        ),
     ]
     described = [f"- {r['method']}: {r['what']}" for r in report["methods"] if r.get("what")]
     lines += ["", "Methods:", *described] if described else []
