@@ -115,8 +115,8 @@ class SecondStageConfig:
     # how distill.logit and distill.box see this teacher (its dense verdict: each student cell's best RPN proposal,
     # judged). "cells": every cell's verdict as it is, which near an object says "object" in several times as many
     # cells as a TAL-trained YOLO head does; "aligned": only at the cells Ultralytics' task-aligned assigner gives
-    # the verdict's own detections (after the RoI head's NMS), its class probabilities scaled to the assigner's
-    # IoU-aligned score there, background elsewhere: the sparse form a YOLO student's own class targets take
+    # the verdict's own detections (after the RoI head's NMS), each object's best cell as it is and the others
+    # scaled by their alignment relative to it, background elsewhere: the sparse form of a YOLO head's scores
     dense: Literal["cells", "aligned"] = "cells"
 
     @property
@@ -217,7 +217,7 @@ class Recipe:
         """A chain's assistants are YOLO models, which have no second stage to teach the stages after the first;
         a plain finish must leave epochs to distil; terms that read labels need them on unlabeled images too: only
         pseudo-boxes can give them."""
-        if self.chain and self.distill.second_stage.active:
+        if self.chain and (self.distill.second_stage.active or self.distill.second_stage.dense != "cells"):
             raise DetkdError(
                 f"{source}: 'distill.second_stage' needs a two-stage teacher, but the 'chain' assistants "
                 f"({', '.join(self.chain)}) are YOLO models, which teach every stage after the first: distil the "

@@ -210,7 +210,8 @@ class Distiller(nn.Module):
         stages at the student's anchors (its dense verdict) when its FPN has a level at each of the student's
         strides; losses weighted by dense class scores read them on the teacher's own levels, which a two-stage
         teacher does not have; ``second_stage`` terms need a teacher's RoI head to judge boxes, which a single-stage
-        teacher does not have."""
+        teacher does not have, and ``second_stage.dense`` shapes the dense verdict the logit/box terms read, so it
+        needs a two-stage teacher and one of those terms."""
         if cfg.second_stage.active and not getattr(teacher, "roi_head", False):
             raise DetkdError(
                 f"recipe: distill.second_stage needs a two-stage teacher's second stage (RoI head) to judge the "
@@ -221,6 +222,11 @@ class Distiller(nn.Module):
             raise DetkdError(
                 f"recipe: distill.second_stage.dense shapes a two-stage teacher's dense verdict, which this teacher "
                 f"({type(teacher.model).__name__}: single-stage, a dense head of its own) does not make; remove it"
+            )
+        if cfg.second_stage.dense != "cells" and cfg.logit.weight == 0 and cfg.box.weight == 0:
+            raise DetkdError(
+                "recipe: distill.second_stage.dense shapes what distill.logit and distill.box read, and neither has "
+                "a weight: give one a weight or remove it"
             )
         if teacher.dense_head:
             return
@@ -433,19 +439,20 @@ def aligned_verdict(
 
     The verdict's own detections (``kept``: per image, the cells whose best-class ``boxes`` (N, A, 4) pixels and
     class ``columns`` (N, A) the RoI head's postprocessing keeps) are the objects; Ultralytics' task-aligned assigner
-    (:func:`~detkd.ultralytics_internals.task_aligned_targets`, the student criterion's settings) picks their cells
+    (:func:`~detkd.ultralytics_internals.task_aligned_targets`, YOLOv8's criterion's settings) picks their cells
     from the verdict's probabilities and boxes at the anchor ``points`` (A, 2) pixels. Each object's best-aligned cell
     keeps the verdict's probabilities; its other cells keep them times their alignment relative to that cell's (TAL's
-    p^0.5·IoU^6: a looser box counts much less); every other cell is background (0). Never more confident than the
+    p^0.5·CIoU^6: a looser box counts much less); every other cell is background (0). Never more confident than the
     verdict itself, it says "object" in about as many cells as a YOLO head trained by the same assigner, where the
-    plain verdict says so in every cell near an object (detkd's form; the README's Faster R-CNN section measures
-    both)."""
+    plain verdict says so in every cell near an object (detkd's form; the `frcnn` benchmark profile's `dense-aligned`
+    and `dense-head` methods compare the two)."""
     foreground = probs[..., 1:]
     labels = [c[k] - 1 for c, k in zip(columns, kept)]
     objects = [b[k] for b, k in zip(boxes, kept)]
     targets, assigned, owner = task_aligned_targets(foreground, boxes, points, labels, objects, strides)
-    score = targets.amax(-1) * assigned
-    best = score.new_zeros(len(score), max(map(len, kept), default=0) + 1).scatter_reduce(1, owner, score, "amax")
+    score = targets.amax(-1) * assigned  # unassigned cells (their owner reads 0) must not raise object 0's best
+    objects_at_least_one = max(max(map(len, kept), default=0), 1)  # the column an image without objects points to
+    best = score.new_zeros(len(score), objects_at_least_one).scatter_reduce(1, owner, score, "amax")
     relative = score / best.gather(1, owner).clamp_min(1e-12)
     sharp = foreground * relative[..., None]
     return torch.cat((1 - sharp.sum(-1, keepdim=True), sharp), -1)

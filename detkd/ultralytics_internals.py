@@ -397,7 +397,7 @@ def task_aligned_targets(
     for i, (label, box) in enumerate(zip(labels, objects)):
         gt_labels[i, : len(label), 0], gt_boxes[i, : len(box)], gt_mask[i, : len(box)] = label.to(scores), box, 1
     assigner = TaskAlignedAssigner(topk=10, num_classes=scores.shape[-1], alpha=0.5, beta=6.0, stride=list(strides))
-    _, _, target_scores, fg_mask, owner = assigner(scores, boxes, points, gt_labels, gt_boxes, gt_mask)
+    _, _, target_scores, fg_mask, owner = assigner(scores, boxes.to(scores), points, gt_labels, gt_boxes, gt_mask)
     return target_scores, fg_mask, owner.long()
 
 

@@ -259,6 +259,7 @@ def test_report_written_from_fake_results(tmp_path):
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())}
     assert rows["kd"][1] == "0.3700 ± 0.0141" and rows["kd"][6] == "n/a"
     assert rows["kd"][7:] == ["2", "+0.0500 (+0.0600, +0.0600)", "2.5", "50.0 %", "1.50×", "1200"]
+    assert "labels recovered" not in md.lower()  # no ceiling: no such column
     # cwd: below the baseline's mean, above its seed 0; one seed, so no σ claim
     assert rows["cwd"][1] == "0.3100 ± —" and rows["cwd"][7:10] == ["1", "-0.0100 (+0.0100)", "—"]
     assert rows["alone"][8:11] == ["—", "0.0", "0.0 %"]

@@ -160,6 +160,9 @@ def test_a_chain_is_refused_with_second_stage_terms_its_yolo_assistants_cannot_t
     assert expected in message and "\n" not in message
     no_second_stage = {**frcnn, "distill": {"second_stage": {"cls_weight": 0, "box_weight": 0}}}
     assert load_recipe("frcnn", no_second_stage).chain == ["yolov8s.yaml"]  # without them, a chain loads
+    aligned = {**frcnn, "distill": {"second_stage": {"cls_weight": 0, "box_weight": 0, "dense": "aligned"}}}
+    with pytest.raises(DetkdError, match="'distill.second_stage' needs a two-stage teacher, but the 'chain'"):
+        load_recipe("frcnn", aligned)  # its dense verdict too: no stage after the first has one
     from detkd.engine import distill
 
     with pytest.raises(DetkdError, match="'distill.second_stage' needs a two-stage teacher"):

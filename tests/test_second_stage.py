@@ -233,14 +233,22 @@ def test_aligned_verdict_keeps_the_teachers_view_only_at_the_cells_the_task_alig
     assert sharp[0, 0, 1] == 0.8 and 0 < sharp[0, 1, 1] < 0.1  # the exact box as it is; the loose one, far lower
     nothing = aligned_verdict(probs, boxes, columns, [torch.tensor([], dtype=torch.long)], points, [8])
     assert nothing[..., 1:].abs().max() == 0  # no detection: background everywhere
+    # a batch: an image without detections beside this one leaves its own verdict as computed alone
+    none_then_one = [torch.tensor([], dtype=torch.long), torch.tensor([0])]
+    twice = (x.repeat(2, *[1] * (x.dim() - 1)) for x in (probs, boxes, columns))
+    pair = aligned_verdict(*twice, none_then_one, points, [8])
+    assert pair[0, :, 1:].abs().max() == 0
+    torch.testing.assert_close(pair[1], sharp[0])
 
 
 def test_kept_detections_are_the_roi_heads_own_choice():
     _, _, t = _pair()
     boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [1, 0, 11, 10], [30, 30, 40, 40], [0, 0, 10, 10.0]])
-    scores = torch.tensor([0.6, 0.9, 0.7, 0.3, 0.04])
-    labels = torch.tensor([1, 1, 2, 1, 1])
-    # 1 suppresses 0 (same class, IoU 0.82); 2 survives (another class); 4 is under the score threshold (0.05)
+    boxes = torch.cat((boxes, torch.tensor([[50, 50, 60, 60], [20, 20, 20.005, 30]])))
+    scores = torch.tensor([0.6, 0.9, 0.7, 0.3, 0.04, 0.05, 0.8])
+    labels = torch.tensor([1, 1, 2, 1, 1, 1, 3])
+    # 1 suppresses 0 (same class, IoU 0.82); 2 survives (another class); 4 and 5 are not above the score threshold
+    # (0.05); 6 is narrower than 0.01 px
     assert t.kept_detections(boxes, scores, labels).tolist() == [1, 2, 3]
     t.model.roi_heads.detections_per_img = 2
     assert t.kept_detections(boxes, scores, labels).tolist() == [1, 2]
@@ -262,6 +270,7 @@ def test_the_aligned_dense_verdict_is_what_the_dense_terms_read():
     kept = [t.kept_detections(*image) for image in zip(boxes, confidence, best + 1)]
     assert sum(map(len, kept)) > 0  # an untrained teacher's near-uniform softmax passes the 0.05 threshold
     points = view_s.anchor_points * view_s.stride_tensor
+    # the wiring (the values of aligned_verdict itself are derived independently above)
     paired = aligned_verdict(probs, boxes, best + 1, kept, points, [8, 16, 32])[..., [1, 3]]
     assert 0 < (paired.amax(-1) > 0).sum() < paired.shape[0] * paired.shape[1]  # the cells left are background
     weights = paired.amax(-1)
@@ -282,6 +291,8 @@ def test_terms_the_teacher_cannot_feed_are_refused_with_one_line():
         Distiller(DistillConfig(second_stage=SecondStageConfig(box_weight=1.0)), s, yolo_teacher)
     with pytest.raises(DetkdError, match=r"^recipe: distill.second_stage.dense shapes a two-stage teacher's dense"):
         Distiller(DistillConfig(second_stage=SecondStageConfig(dense="aligned")), s, yolo_teacher)
+    with pytest.raises(DetkdError, match=r"^recipe: distill.second_stage.dense shapes what .* neither has a weight"):
+        Distiller(DistillConfig(second_stage=SecondStageConfig(dense="aligned", box_weight=1.0)), s, t)
     no_shared = {1: "boat", 2: "kite", 3: "train"}
     t_other = TorchvisionAdapter(t.model, no_shared)
     with pytest.raises(DetkdError, match="needs classes that teacher and student share"):

@@ -216,13 +216,15 @@ class TorchvisionAdapter:
         return self.second_stage(view, list(proposals), image_size)
 
     def kept_detections(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        """Indices, best first, of the detections of one image (``boxes`` (R, 4), ``scores`` (R,), ``labels`` (R,))
-        that the RoI head's postprocessing keeps: score at least its ``score_thresh``, per-class NMS at its
-        ``nms_thresh``, at most ``detections_per_img``."""
+        """Indices, best first, of the detections of one image (``boxes`` (R, 4), ``scores`` (R,), ``labels`` (R,): one
+        class per box) that the RoI head's postprocessing keeps: score above its ``score_thresh``, no side under
+        0.01 px, per-class NMS at its ``nms_thresh``, at most ``detections_per_img``. (torchvision's postprocessing
+        also keeps a box once per other class that passes; a caller with one class per box does not need that.)"""
         from torchvision.ops import boxes as box_ops
 
         heads = self.model.roi_heads
-        candidates = torch.where(scores >= heads.score_thresh)[0]
+        candidates = torch.where(scores > heads.score_thresh)[0]
+        candidates = candidates[box_ops.remove_small_boxes(boxes[candidates], min_size=1e-2)]
         kept = box_ops.batched_nms(boxes[candidates], scores[candidates], labels[candidates], heads.nms_thresh)
         return candidates[kept[: heads.detections_per_img]]
 

@@ -164,6 +164,12 @@ class Profile:
         against."""
         return next((m.name for m in self.methods if m.kind == "alone" and m.data == "labeled"), None)
 
+    @property
+    def ceiling(self) -> str | None:
+        """The student alone on every training image fully labeled, in a profile that hides some labels: what a
+        method's recovery of the hidden labels' worth is measured against."""
+        return next((m.name for m in self.methods if m.kind == "alone" and m.data == "all"), None)
+
 
 def load_profile(name_or_path: str | os.PathLike) -> Profile:
     """Load and check a profile (a path, or a built-in name: ``cpu``); relative paths in it are resolved against its
@@ -270,6 +276,8 @@ def _check_profile(profile: Profile, source: str) -> None:
         _check_method(m, f"{source}: 'methods[{i}]' ({m.name})", labeled=profile.data.labeled is not None)
     if sum(m.kind == "alone" and m.data == "labeled" for m in profile.methods) > 1:
         raise DetkdError(f"{source}: 'methods' has more than one of kind 'alone' on data 'labeled' (the one baseline)")
+    if sum(m.kind == "alone" and m.data == "all" for m in profile.methods) > 1:
+        raise DetkdError(f"{source}: 'methods' has more than one of kind 'alone' on data 'all' (the one ceiling)")
 
 
 def _check_method(m: Method, where: str, labeled: bool) -> None:
@@ -339,6 +347,8 @@ def describe_method(method: Method, student: str) -> str:
         how = [", IoU-aware class targets"] if c.iou_aware else []
         how += [", class term weighted by the teacher's confidence"] if c.teacher_weighted else []
         terms[-1] += f" ({where}{''.join(how)})"
+    if d.second_stage.dense == "aligned" and (d.logit.weight > 0 or d.box.weight > 0):
+        terms[-1] += " (on the teacher's dense verdict kept at the cells TAL gives its detections)"
     terms += [f"the teacher's missed boxes (≥ {d.pseudo.conf:g})"] if d.pseudo is not None else []
     text = " + ".join(terms) or "no distillation"
     gates = {c.gate for c in (d.logit, d.box) if c.gate != "none"}

@@ -43,6 +43,7 @@ def summarise(
     rows = [_summarise_method(name, [r for r in runs if r["method"] == name]) for name in order]
     rows = [r for r in rows if r is not None]
     base = next((r for r in rows if r["method"] == baseline), None)
+    top = next((r["metrics"]["AP"]["mean"] for r in rows if r["method"] == ceiling), None)
     for row in rows:
         ap, tpe = row["metrics"]["AP"]["mean"], row["time_per_epoch_s"]
         base_ap, base_tpe = (base["metrics"]["AP"]["mean"], base["time_per_epoch_s"]) if base else (None, None)
@@ -52,7 +53,6 @@ def summarise(
         paired = sorted(set(row["ap_by_seed"]) & set(base["ap_by_seed"])) if base else []
         row["paired_gains_AP"] = {seed: row["ap_by_seed"][seed] - base["ap_by_seed"][seed] for seed in paired}
         row["gap_closed"] = None if None in (base_ap, teacher_ap) else gap_closed(ap, base_ap, teacher_ap)
-        top = next((r["metrics"]["AP"]["mean"] for r in rows if r["method"] == ceiling), None)
         row["labels_recovered"] = None if None in (base_ap, top) else gap_closed(ap, base_ap, top)
         row["time_ratio"] = tpe / base_tpe if tpe and base_tpe else None
     return rows
@@ -94,10 +94,8 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
     """Everything finished so far in the bench's output folder, summarised."""
     profile, teacher = bench.profile, bench.teacher.finished()
     runs = bench.finished_runs()
-    # a profile that hides labels measures what its methods recover against the student on all of them, labeled
-    ceiling = next((m.name for m in profile.methods if m.kind == "alone" and m.data == "all"), None)
     teacher_ap = teacher and teacher["metrics"]["AP"]
-    methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher_ap, ceiling)
+    methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher_ap, profile.ceiling)
     kinds = {m.name: m.kind for m in profile.methods}
     trained_on = {m.name: m.data for m in profile.methods}
     what = {m.name: describe_method(m, profile.student) for m in profile.methods}
@@ -111,6 +109,7 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
         "student": profile.student,
         "teacher": {**asdict(profile.teacher), "metrics": teacher and teacher["metrics"]},
         "baseline": profile.baseline,
+        "ceiling": profile.ceiling,
         "methods": [
             {**row, "kind": kinds[row["method"]], "data": trained_on[row["method"]], "what": what[row["method"]]}
             for row in methods
@@ -154,7 +153,7 @@ def format_markdown(report: dict) -> str:
     teacher_ap = _cell(teacher["metrics"] and teacher["metrics"]["AP"], ".4f")
     base = next((r for r in report["methods"] if r["method"] == report["baseline"]), None)
     memory = "CUDA allocated" if any(r["memory"] == "cuda" for r in report["methods"]) else "resident set size"
-    ceiling = next((r["method"] for r in report["methods"] if r["data"] == "all"), None)
+    ceiling = report.get("ceiling")
     recovered = ceiling is not None
     lines = [
         f"# detkd benchmark: {report['profile']}",
@@ -171,7 +170,7 @@ def format_markdown(report: dict) -> str:
         "| method | AP | AP50 | AP75 | APs | APm | APl | seeds | AP gain (per seed) | gain/σ | gap closed "
         + ("| labels recovered " if recovered else "")
         + "| time/epoch | peak mem (MB) |",
-        "|---|" + "---|" * (12 + recovered),
+        "|---|" + "---|" * (13 if recovered else 12),
     ]
     for r in report["methods"]:
         gap = r["gap_closed"] and 100 * r["gap_closed"]
