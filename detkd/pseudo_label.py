@@ -114,7 +114,9 @@ def pseudo_label(
             origins.append({"image": str(image.relative_to(out)), "source": part.source, "file": str(file)})
     shutil.rmtree(cache, ignore_errors=True)
 
-    names, found = checkpoint_detections(teacher, [str(p) for p in images], imgsz=imgsz, batch=batch, device=device)
+    names, found = checkpoint_detections(
+        teacher, [str(p) for p in images], imgsz=imgsz, batch=batch, device=device, conf=conf
+    )
     classes = sorted(names)  # teacher class index -> YOLO class = its rank (torchvision teachers' start at 1)
     yolo_class = {c: i for i, c in enumerate(classes)}
     report = PseudoLabelReport(out, str(teacher), conf, frames, [names[c] for c in classes])

@@ -6,6 +6,9 @@ from pathlib import Path
 import cv2
 from test_unlabeled import _scenes, write_video
 
+from detkd.evaluation import checkpoint_detections
+from detkd.pseudo_label import REPORT
+
 
 def test_pseudo_labels_are_a_data_set_that_passes_the_check(run_detkd, teacher_checkpoint, tmp_path):
     folder = tmp_path / "footage"
@@ -23,7 +26,7 @@ def test_pseudo_labels_are_a_data_set_that_passes_the_check(run_detkd, teacher_c
     assert "6 read, 2 taken, 4 skipped as near-duplicates" in done.stdout
 
     out = tmp_path / "pl"
-    report = json.loads((out / "pseudo_labels.json").read_text())
+    report = json.loads((out / REPORT).read_text())
     labels = sorted((out / "labels").glob("*.txt"))
     lines = [line.split() for f in labels for line in f.read_text().splitlines()]
     assert report["images"] == len(labels) == len(list((out / "images").glob("*"))) == 3 + 2
@@ -35,6 +38,15 @@ def test_pseudo_labels_are_a_data_set_that_passes_the_check(run_detkd, teacher_c
 
     check = run_detkd("data", "check", "pl/data.yaml")
     assert check.returncode == 0 and ": OK" in check.stdout, check.stdout
+
+    # --conf drops what scores below it: this untrained teacher's scores are all near 1e-3
+    images = [str(p) for p in sorted((out / "images").iterdir())]
+    scores = [s for d in checkpoint_detections(teacher_checkpoint, images, imgsz=64)[1] for s in d.scores.tolist()]
+    assert len(scores) == len(lines) and max(scores) < 0.01
+    high = run_detkd("pseudo-label", *args[:5], "--out", "pl_high", "--imgsz", "64", "--every", "1", "--conf", "0.01")
+    assert high.returncode == 0, high.stderr
+    kept = json.loads((tmp_path / "pl_high" / REPORT).read_text())
+    assert sum(kept["boxes"].values()) == 0 and kept["empty_images"] == kept["images"] == 5
 
     again = run_detkd("pseudo-label", *args)  # never over a previous set
     assert (
