@@ -468,10 +468,18 @@ def unlabeled_dataset(args, image_list: Path, data: dict, batch: int, stride: in
 
 def build_dataloader(dataset, batch: int, workers: int, rank: int, device):
     """Ultralytics' training dataloader (``ultralytics.data.build_dataloader``: its ``InfiniteDataLoader``, workers
-    kept across passes, a distributed sampler under DDP, the dataset's own ``collate_fn``), shuffled."""
+    kept across passes, a distributed sampler under DDP, the dataset's own ``collate_fn``), shuffled, for the
+    unlabeled images beside the labeled loader.
+
+    Ultralytics seeds every loader's generator from ``torch.initial_seed()``, and the workers' random and numpy
+    seeds come from that generator: built as is, worker k of this loader would draw the same augmentation (flip,
+    HSV, scale, mosaic centre) as worker k of the labeled one, image for image, until their streams drift apart. So
+    it is built under the next seed, the global generator's state put back after."""
     from ultralytics.data import build_dataloader
 
-    return build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=rank, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(torch.initial_seed() + 1)
+        return build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=rank, device=device)
 
 
 def close_mosaic(loader, args) -> None:

@@ -89,6 +89,27 @@ def test_every_method_gets_the_same_budget_and_the_same_teacher(synth_data, tmp_
     assert jobs["recommended+transfer"].recipe["teacher"] == teacher
 
 
+def test_a_method_may_set_its_own_epochs_and_training_keys(synth_data, tmp_path):
+    """A method on more images matches the others' iterations with fewer epochs (the ``unlabeled`` profile's
+    ceiling): its ``epochs`` and ``train`` keys reach its run only."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"data: {{yaml: {synth_data}}}\nbudget: {{epochs: 6, train: {{close_mosaic: 3}}}}\n"
+        "methods: [{name: a, kind: alone}, {name: b, kind: builtin},\n"
+        "  {name: short, kind: builtin, epochs: 2, train: {close_mosaic: 1, lr0: 0.02}}]"
+    )
+    profile = load_profile(path)
+    bench = Bench.prepare(profile, tmp_path / "out")
+    a, b, short = (bench.job(m, 0).train for m in profile.methods)
+    assert (a["epochs"], a["close_mosaic"], b["epochs"], b["close_mosaic"]) == (6, 3, 6, 3) and "lr0" not in b
+    assert (short["epochs"], short["close_mosaic"], short["lr0"]) == (2, 1, 0.02)
+    assert {k: v for k, v in short.items() if k not in ("epochs", "close_mosaic", "lr0", "name")} == {
+        k: v for k, v in b.items() if k not in ("epochs", "close_mosaic", "name")
+    }
+    said = describe_method(profile.methods[2], "yolov8n.yaml")
+    assert said == describe_method(profile.methods[1], "yolov8n.yaml") + " (2 epochs, close_mosaic=1, lr0=0.02)"
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -103,6 +124,8 @@ def test_every_method_gets_the_same_budget_and_the_same_teacher(synth_data, tmp_
         ("data: {yaml: none.yaml}\nmethods: [{name: a, kind: alone}]", "'data.yaml' file not found"),
         ("methods: []", "'methods' is empty"),
         ("budget: {train: {epochs: 3}}\nmethods: [{name: a, kind: alone}]", "'budget.train.epochs' is set by the"),
+        ("methods: [{name: a, kind: alone, train: {imgsz: 64}}]", "'methods[0]' (a): 'train.imgsz' is set by the"),
+        ("methods: [{name: a, kind: alone, epochs: 0}]", "'methods[0].epochs'"),
     ],
 )
 def test_a_bad_profile_is_a_one_line_error_naming_file_and_key(tmp_path, text, message):
@@ -136,7 +159,9 @@ def test_methods_are_described_by_what_they_train():
     stop = describe_method(load_profile("capped").methods[-1], "yolov8n.yaml")
     assert stop == "soft class targets ×2 + box distillation ×8, off for the last 20 epochs"
     unlabeled = {m.name: describe_method(m, "yolov8n.yaml") for m in load_profile("unlabeled").methods}
-    assert unlabeled["ceiling"] == "the student alone, on every training image, fully labeled"
+    assert (
+        unlabeled["ceiling"] == "the student alone, on every training image, fully labeled (16 epochs, close_mosaic=2)"
+    )
     assert unlabeled["distilled+unlabeled"].endswith("; with unlabeled images (1 per labeled one)")
 
 

@@ -97,8 +97,15 @@ def test_unlabeled_profile_gives_each_method_its_data_and_recipe(small_unlabeled
 
     # the teacher trains on other scenes than the students', so it never saw a label of their unlabeled images
     assert bench.teacher.train["data"].endswith("synth_16_8_64px_s1/data.yaml")
-    shared = [{k: v for k, v in j.train.items() if k not in ("name", "data")} for j in jobs.values()]
-    assert all(s == shared[0] for s in shared)  # the same budget for every method
+    # the same budget for every method, in iterations: those on more images train fewer epochs
+    own = {name: {k: j.train.get(k) for k in ("epochs", "close_mosaic")} for name, j in jobs.items()}
+    assert own == {
+        **dict.fromkeys(("alone", "distilled", "distilled+unlabeled"), {"epochs": 100, "close_mosaic": None}),
+        "pseudo": {"epochs": 13, "close_mosaic": 1},
+        "ceiling": {"epochs": 16, "close_mosaic": 2},
+    }
+    shared = [{k: v for k, v in j.train.items() if k not in ("name", "data", *own["pseudo"])} for j in jobs.values()]
+    assert all(s == shared[0] for s in shared)
 
 
 @pytest.mark.parametrize(
@@ -157,7 +164,7 @@ def test_tiny_unlabeled_benchmark_runs_every_kind_of_data_and_reports(teacher_ch
         "methods:\n"
         "  - {name: alone, kind: alone}\n"
         "  - {name: distilled+unlabeled, recipe: recommended, unlabeled: {source: unlabeled, ratio: 1.0}}\n"
-        "  - {name: pseudo, kind: alone, data: labeled+pseudo, pseudo_conf: 0.01}\n"  # an untrained teacher's scores
+        "  - {name: pseudo, kind: alone, data: labeled+pseudo, pseudo_conf: 0.001}\n"  # an untrained teacher: ≈ 0.0016
         "  - {name: ceiling, kind: alone, data: all}\n"
     )
     out = tmp_path / "out"

@@ -257,6 +257,24 @@ def test_unlabeled_images_have_no_labels_even_beside_label_files(synth_data):
     assert batch["img"].shape == (4, 3, 64, 64) and batch["cls"].numel() == batch["bboxes"].numel() == 0
 
 
+def test_the_unlabeled_loader_draws_other_augmentations_than_the_labeled_one(synth_data):
+    """Ultralytics seeds every loader alike: the unlabeled one is built under another seed, so that its workers do
+    not repeat the labeled loader's augmentation image for image, and the global random state is left as it was."""
+    from ultralytics.data import build_dataloader as ultralytics_loader
+
+    from detkd.ultralytics_internals import build_dataloader, unlabeled_dataset
+
+    listed = synth_data.parent / "unlabeled_seeds.txt"
+    listed.write_text("".join(f"{p}\n" for p in sorted((synth_data.parent / "images" / "train").glob("*.jpg"))))
+    dataset = unlabeled_dataset(get_cfg(overrides={"imgsz": 64}), listed, {"names": NAMES, "nc": 3}, 4, 32)
+    torch.manual_seed(7)
+    labeled = ultralytics_loader(dataset, batch=4, workers=0, shuffle=True, rank=-1)
+    state = torch.get_rng_state()
+    unlabeled = build_dataloader(dataset, 4, 0, -1, "cpu")
+    assert torch.equal(torch.get_rng_state(), state) and torch.initial_seed() == 7
+    assert unlabeled.generator.initial_seed() != labeled.generator.initial_seed()  # it seeds shuffle and workers
+
+
 def test_a_two_stage_teachers_detections_become_pseudo_boxes_in_student_classes():
     """A torchvision teacher has no dense head: its own final detections are the pseudo-boxes, its class-logit
     columns (1 ... K) mapped to the student's classes by name."""

@@ -106,7 +106,7 @@ class Bench:
         p = self.profile
         run_dir = self.out / "runs" / f"{method.name}_s{seed}"
         data = self.train_data(method)
-        train = _train_args(p, data, seed, run_dir, p.budget.epochs)
+        train = _train_args(p, data, seed, run_dir, method.epochs or p.budget.epochs) | (method.train or {})
         recipe = None
         if method.kind == "builtin":
             train.update(distill_model=str(self.teacher.checkpoint), dis=6.0 if method.dis is None else method.dis)

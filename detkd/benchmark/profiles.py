@@ -5,7 +5,8 @@ the data (built-in synthetic scenes or a YOLO data yaml), the teacher (trained o
 the student, the budget (epochs, image size, batch) and the methods: ``alone`` (the baseline), ``builtin``
 (Ultralytics' ``distill_model=``/``dis=``) and ``detkd`` (a recipe and/or ``distill:``/``init:``/``unlabeled:``
 overrides). Every method gets the same data, augmentation and budget; only the seeds may differ per method (more
-seeds where the comparison matters most).
+seeds where the comparison matters most), and a method that trains on more images than the others may say its own
+``epochs`` (and ``train`` keys such as ``close_mosaic``) so that it gets the same number of optimizer iterations.
 
 With ``data.labeled`` only that fraction of the training images keeps its labels (the rest, and optional synthetic
 ``footage``, are the unlabeled images), and a method says what it trains on (``data``): the labeled part (the
@@ -138,6 +139,10 @@ class Method:
     data: Literal["labeled", "all", "labeled+pseudo"] = "labeled"
     pseudo_conf: float | None = field(default=None, metadata=PROBABILITY)  # default: PSEUDO_CONF
     seeds: list[int] | None = None  # default: the profile's seeds
+    # The budget's, unless said: a method on more images (``all``, ``labeled+pseudo``) matches the others' optimizer
+    # iterations with fewer epochs, and its mosaic-free share with a smaller ``close_mosaic`` in ``train``
+    epochs: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    train: dict[str, Any] | None = None  # more Ultralytics training keys for this method, over ``budget.train``
 
     @property
     def pseudo_threshold(self) -> float:
@@ -283,6 +288,8 @@ def _check_profile(profile: Profile, source: str) -> None:
 def _check_method(m: Method, where: str, labeled: bool) -> None:
     if m.seeds is not None and not m.seeds:
         raise DetkdError(f"{where}: 'seeds' is empty")
+    if reserved := sorted(set(m.train or {}) & _SET_BY_THE_BENCHMARK):
+        raise DetkdError(f"{where}: 'train.{reserved[0]}' is set by the benchmark (use the method's or budget keys)")
     if m.dis is not None and m.kind != "builtin":
         raise DetkdError(f"{where}: 'dis' is for kind 'builtin' only")
     extra = [k for k in ("recipe", "distill", "init", "unlabeled", "chain") if getattr(m, k) is not None]
@@ -325,7 +332,14 @@ def method_recipe(method: Method, teacher: str, student: str, data: str, unlabel
 
 def describe_method(method: Method, student: str) -> str:
     """What a method trains, in words, for the report: a method's name alone does not say it (``recommended`` in a
-    profile is the recipe's distillation terms; the shipped recipe also starts from the teacher's weights)."""
+    profile is the recipe's distillation terms; the shipped recipe also starts from the teacher's weights), nor
+    where its budget differs from the profile's."""
+    own = [f"{method.epochs} epochs"] if method.epochs is not None else []
+    own += [f"{k}={v}" for k, v in (method.train or {}).items()]
+    return _what_it_trains(method, student) + (f" ({', '.join(own)})" if own else "")
+
+
+def _what_it_trains(method: Method, student: str) -> str:
     if method.kind == "alone":
         return "the student alone" + {
             "all": ", on every training image, fully labeled",
