@@ -186,13 +186,16 @@ def test_a_profile_finds_recipes_by_path_relative_to_it_or_by_built_in_name(tmp_
 # aggregation
 
 
-def _run(method: str, seed: int, ap: float, seconds_per_epoch: float, memory: float, curve: list[float]) -> dict:
+def _run(
+    method: str, seed: int, ap: float, seconds_per_epoch: float, memory: float, curve: list[float], epochs: int = 2
+) -> dict:
     metrics = {k: ap for k in ("AP", "AP50", "AP75", "APs", "APm", "AR1", "AR10", "AR100", "ARs", "ARm")}
     metrics |= {"APl": -1.0, "ARl": -1.0}  # no large objects in the set
     return {
         "method": method,
         "seed": seed,
         "metrics": metrics,
+        "epochs": epochs,
         "time_per_epoch_s": seconds_per_epoch,
         "peak_memory_mb": memory,
         "memory": "rss",
@@ -233,6 +236,15 @@ def test_summarise_over_seeds_against_baseline_and_teacher():
     # paired by seed where both ran; gain/σ in the baseline's seed standard deviations (0.02), from 2 seeds on
     assert kd["paired_gains_AP"] == pytest.approx({0: 0.06, 1: 0.06}) and kd["gain_sigma"] == pytest.approx(2.5)
     assert cwd["paired_gains_AP"] == pytest.approx({0: 0.01}) and cwd["gain_sigma"] is None
+
+
+def test_the_time_ratio_is_a_runs_so_that_methods_with_other_epochs_compare():
+    """A method on twice the images in half the epochs (the iterations matched) costs what the baseline costs,
+    though each of its epochs takes twice as long."""
+    runs = [*RUNS[:3], _run("ceiling", 0, 0.4, 22.0, 900.0, [0.3], epochs=1)]
+    rows = {r["method"]: r for r in summarise(runs, ["alone", "ceiling"], "alone", teacher_ap=None)}
+    assert rows["alone"]["time_per_epoch_s"] == pytest.approx(11.0) and rows["ceiling"]["time_per_epoch_s"] == 22.0
+    assert rows["ceiling"]["time_ratio"] == pytest.approx(1.0)
 
 
 def test_a_ceiling_gives_the_share_of_its_difference_to_the_baseline_each_method_recovers():

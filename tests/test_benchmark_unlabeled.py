@@ -68,7 +68,7 @@ def test_unlabeled_profile_gives_each_method_its_data_and_recipe(small_unlabeled
     profile = bench.profile
     assert profile.baseline == "alone"
     seeds = {m.name: m.seeds or profile.seeds for m in profile.methods}
-    assert seeds == {"alone": [0, 1, 2], "distilled": [0], "distilled+unlabeled": [0, 1, 2], "pseudo": [0],
+    assert seeds == {"alone": [0, 1, 2], "distilled": [0, 1, 2], "distilled+unlabeled": [0, 1, 2], "pseudo": [0],
                      "ceiling": [0, 1, 2]}  # fmt: skip
     jobs = {m.name: bench.job(m, 0) for m in profile.methods}
     data = {name: job.train["data"] for name, job in jobs.items()}

@@ -37,7 +37,8 @@ def summarise(
     """Per method with runs (in ``order``): COCO metrics as mean ± std over seeds, AP gain over the baseline (of the
     means, and paired: seed by seed where both ran), the gain in standard deviations of the baseline's AP over seeds
     (with 2 seeds or more of each: how far outside the baseline's seed noise it lies), the fraction of the
-    teacher–student gap closed, seconds per epoch as a ratio to the baseline's, peak memory (the largest over seeds)
+    teacher–student gap closed, the wall time of a run as a ratio to the baseline's (a method may train other epochs
+    than the baseline: see :class:`~detkd.benchmark.profiles.Method`), peak memory (the largest over seeds)
     and the mean mAP curve. With a ``ceiling`` method (the student on every image fully labeled, in a profile that
     hides some labels), the fraction of the baseline–ceiling difference recovered, as the gap closed is computed."""
     rows = [_summarise_method(name, [r for r in runs if r["method"] == name]) for name in order]
@@ -45,8 +46,8 @@ def summarise(
     base = next((r for r in rows if r["method"] == baseline), None)
     top = next((r["metrics"]["AP"]["mean"] for r in rows if r["method"] == ceiling), None)
     for row in rows:
-        ap, tpe = row["metrics"]["AP"]["mean"], row["time_per_epoch_s"]
-        base_ap, base_tpe = (base["metrics"]["AP"]["mean"], base["time_per_epoch_s"]) if base else (None, None)
+        ap, run_time = row["metrics"]["AP"]["mean"], row["time_per_run_s"]
+        base_ap, base_time = (base["metrics"]["AP"]["mean"], base["time_per_run_s"]) if base else (None, None)
         row["gain_AP"] = None if base_ap is None else ap - base_ap
         base_std = base and base["metrics"]["AP"]["std"]
         row["gain_sigma"] = row["gain_AP"] / base_std if base_std and len(row["seeds"]) > 1 else None
@@ -54,7 +55,7 @@ def summarise(
         row["paired_gains_AP"] = {seed: row["ap_by_seed"][seed] - base["ap_by_seed"][seed] for seed in paired}
         row["gap_closed"] = None if None in (base_ap, teacher_ap) else gap_closed(ap, base_ap, teacher_ap)
         row["labels_recovered"] = None if None in (base_ap, top) else gap_closed(ap, base_ap, top)
-        row["time_ratio"] = tpe / base_tpe if tpe and base_tpe else None
+        row["time_ratio"] = run_time / base_time if run_time and base_time else None
     return rows
 
 
@@ -62,6 +63,7 @@ def _summarise_method(name: str, runs: list[dict]) -> dict | None:
     if not runs:
         return None
     times = [r["time_per_epoch_s"] for r in runs if r.get("time_per_epoch_s")]
+    run_times = [r["time_per_epoch_s"] * r["epochs"] for r in runs if r.get("time_per_epoch_s") and r.get("epochs")]
     memory = [r["peak_memory_mb"] for r in runs if r.get("peak_memory_mb") is not None]
     curves = [r["map_per_epoch"] for r in runs if r.get("map_per_epoch")]
     length = min((len(c) for c in curves), default=0)
@@ -71,6 +73,7 @@ def _summarise_method(name: str, runs: list[dict]) -> dict | None:
         "ap_by_seed": {r["seed"]: r["metrics"]["AP"] for r in sorted(runs, key=lambda r: r["seed"])},
         "metrics": {k: mean_std([r["metrics"][k] for r in runs]) for k in COCO_METRICS},
         "time_per_epoch_s": statistics.fmean(times) if times else None,
+        "time_per_run_s": statistics.fmean(run_times) if run_times else None,
         "peak_memory_mb": max(memory, default=None),
         "memory": runs[0].get("memory"),
         "map_per_epoch": [statistics.fmean(c[e] for c in curves) for e in range(length)],
@@ -169,7 +172,7 @@ def format_markdown(report: dict) -> str:
         "",
         "| method | AP | AP50 | AP75 | APs | APm | APl | seeds | AP gain (per seed) | gain/σ | gap closed "
         + ("| labels recovered " if recovered else "")
-        + "| time/epoch | peak mem (MB) |",
+        + "| time/run | peak mem (MB) |",
         "|---|" + "---|" * (13 if recovered else 12),
     ]
     for r in report["methods"]:
@@ -191,7 +194,8 @@ def format_markdown(report: dict) -> str:
         "COCO metrics as mean ± std over seeds (— for one seed). AP gain: the method's mean AP minus the "
         "baseline's, then (in brackets) seed by seed where both ran. Gain/σ: the gain over the standard deviation of "
         "the baseline's AP over its seeds (2 or more seeds of each). Gap closed: (AP − AP_alone) / (AP_teacher − "
-        "AP_alone). Time/epoch: wall time per epoch (training and validation) over the baseline's. Peak memory: "
+        "AP_alone). Time/run: wall time of a run (training and validation) over the baseline's; per epoch the same, "
+        "where a method trains the baseline's epochs. Peak memory: "
         f"{memory} of the training process (data-loading workers not included), the largest over seeds."
         + (
             f" Labels recovered: (AP − AP_{report['baseline']}) / (AP_{ceiling} − AP_{report['baseline']}), the "
