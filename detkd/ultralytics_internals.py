@@ -474,11 +474,13 @@ def build_dataloader(dataset, batch: int, workers: int, rank: int, device):
     Ultralytics seeds every loader's generator from ``torch.initial_seed()``, and the workers' random and numpy
     seeds come from that generator: built as is, worker k of this loader would draw the same augmentation (flip,
     HSV, scale, mosaic centre) as worker k of the labeled one, image for image, until their streams drift apart. So
-    it is built under the next seed, the global generator's state put back after."""
+    it is built under another seed, the global generator's state put back after. The offset is the same on every
+    rank (their samplers stay in step) and far larger than a world size: Ultralytics' seeds differ by the rank, so
+    an offset of 1 would give rank r the labeled loader's generator of rank r + 1."""
     from ultralytics.data import build_dataloader
 
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(torch.initial_seed() + 1)
+        torch.default_generator.manual_seed(torch.initial_seed() + 2**32)
         return build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=rank, device=device)
 
 
