@@ -160,7 +160,8 @@ def test_methods_are_described_by_what_they_train():
     assert stop == "soft class targets ×2 + box distillation ×8, off for the last 20 epochs"
     unlabeled = {m.name: describe_method(m, "yolov8n.yaml") for m in load_profile("unlabeled").methods}
     assert (
-        unlabeled["ceiling"] == "the student alone, on every training image, fully labeled (16 epochs, close_mosaic=2)"
+        unlabeled["ceiling"]
+        == "the student alone, on every training image, fully labeled (16 epochs, close_mosaic=2, warmup_epochs=0.47)"
     )
     assert unlabeled["distilled+unlabeled"].endswith("; with unlabeled images (1 per labeled one)")
 

@@ -98,11 +98,12 @@ def test_unlabeled_profile_gives_each_method_its_data_and_recipe(small_unlabeled
     # the teacher trains on other scenes than the students', so it never saw a label of their unlabeled images
     assert bench.teacher.train["data"].endswith("synth_16_8_64px_s1/data.yaml")
     # the same budget for every method, in iterations: those on more images train fewer epochs
-    own = {name: {k: j.train.get(k) for k in ("epochs", "close_mosaic")} for name, j in jobs.items()}
+    own = {name: {k: j.train.get(k) for k in ("epochs", "close_mosaic", "warmup_epochs")} for name, j in jobs.items()}
+    default = {"epochs": 100, "close_mosaic": None, "warmup_epochs": None}  # Ultralytics': 10 and 3 (18 iterations)
     assert own == {
-        **dict.fromkeys(("alone", "distilled", "distilled+unlabeled"), {"epochs": 100, "close_mosaic": None}),
-        "pseudo": {"epochs": 13, "close_mosaic": 1},
-        "ceiling": {"epochs": 16, "close_mosaic": 2},
+        **dict.fromkeys(("alone", "distilled", "distilled+unlabeled"), default),
+        "pseudo": {"epochs": 13, "close_mosaic": 1, "warmup_epochs": 0.39},  # 46 batches an epoch: 18 iterations
+        "ceiling": {"epochs": 16, "close_mosaic": 2, "warmup_epochs": 0.47},  # 38: 18
     }
     shared = [{k: v for k, v in j.train.items() if k not in ("name", "data", *own["pseudo"])} for j in jobs.values()]
     assert all(s == shared[0] for s in shared)
