@@ -27,6 +27,7 @@ from detkd.benchmark import (
     summarise,
     write_report,
 )
+from detkd.benchmark.report import curve_axis
 from detkd.config import load_recipe
 from detkd.errors import DetkdError
 from detkd.evaluation import COCO_METRICS
@@ -237,6 +238,15 @@ def test_summarise_over_seeds_against_baseline_and_teacher():
     # paired by seed where both ran; gain/σ in the baseline's seed standard deviations (0.02), from 2 seeds on
     assert kd["paired_gains_AP"] == pytest.approx({0: 0.06, 1: 0.06}) and kd["gain_sigma"] == pytest.approx(2.5)
     assert cwd["paired_gains_AP"] == pytest.approx({0: 0.01}) and cwd["gain_sigma"] is None
+
+
+def test_curves_of_runs_with_other_epochs_are_drawn_against_the_share_of_the_run():
+    same = [{"map_per_epoch": [0.1, 0.2]}, {"map_per_epoch": [0.1, 0.3]}, {"map_per_epoch": []}]
+    assert curve_axis(same) == ("epoch", [[1, 2], [1, 2], []])
+    assert curve_axis([{"map_per_epoch": [0.1] * 4}, {"map_per_epoch": [0.2]}]) == (
+        "% of the run",
+        [[25.0, 50.0, 75.0, 100.0], [100.0]],
+    )
 
 
 def test_the_time_ratio_is_a_runs_so_that_methods_with_other_epochs_compare():

@@ -232,6 +232,16 @@ def _figure(width: float = 7.0, height: float = 4.5):
     return fig, fig.add_subplot()
 
 
+def curve_axis(methods: list[dict]) -> tuple[str, list[list[float]]]:
+    """The x values of each method's mAP curve: its epochs, or, where methods train different numbers of epochs (a
+    method on more images matching the others' iterations), the share of its run each epoch ends, in %."""
+    lengths = {len(r["map_per_epoch"]) for r in methods if r["map_per_epoch"]}
+    if len(lengths) <= 1:
+        return "epoch", [list(range(1, len(r["map_per_epoch"]) + 1)) for r in methods]
+    n = [len(r["map_per_epoch"]) for r in methods]
+    return "% of the run", [[100 * e / k for e in range(1, k + 1)] for k in n]
+
+
 def plot_map_vs_epoch(methods: list[dict], path: Path) -> None:
     """COCO-style mAP50-95 from Ultralytics' validation each epoch, mean over seeds, one line per method."""
     import matplotlib
@@ -239,13 +249,13 @@ def plot_map_vs_epoch(methods: list[dict], path: Path) -> None:
 
     fig, ax = _figure()
     colors = matplotlib.colormaps["tab20"].colors  # dark shades, then light dashed: the default cycle repeats at 10
-    for i, r in enumerate(methods):
+    label, xs = curve_axis(methods)
+    for i, (r, x) in enumerate(zip(methods, xs, strict=True)):
         if r["map_per_epoch"]:
-            epochs = range(1, len(r["map_per_epoch"]) + 1)
             style = {"color": colors[2 * i % 20 + i // 10 % 2], "linestyle": "-" if i < 10 else "--"}
-            ax.plot(epochs, r["map_per_epoch"], marker="o", markersize=3, label=r["method"], **style)
+            ax.plot(x, r["map_per_epoch"], marker="o", markersize=3, label=r["method"], **style)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="mAP50-95 (validation, mean over seeds)", title="mAP vs epoch")
+    ax.set(xlabel=label, ylabel="mAP50-95 (validation, mean over seeds)", title=f"mAP vs {label}")
     if ax.lines:
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
