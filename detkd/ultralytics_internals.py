@@ -480,7 +480,7 @@ def build_dataloader(dataset, batch: int, workers: int, rank: int, device):
     from ultralytics.data import build_dataloader
 
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(torch.initial_seed() + 2**32)
+        torch.default_generator.manual_seed((torch.initial_seed() + 2**32) % 2**64)  # an unseeded one may be ≈ 2**64
         return build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=rank, device=device)
 
 

@@ -140,7 +140,8 @@ class Method:
     pseudo_conf: float | None = field(default=None, metadata=PROBABILITY)  # default: PSEUDO_CONF
     seeds: list[int] | None = None  # default: the profile's seeds
     # The budget's, unless said: a method on more images (``all``, ``labeled+pseudo``) matches the others' optimizer
-    # iterations with fewer epochs, and its mosaic-free share with a smaller ``close_mosaic`` in ``train``
+    # iterations with fewer epochs, and their warm-up and mosaic-free iterations with a smaller ``warmup_epochs`` and
+    # ``close_mosaic`` in ``train``
     epochs: int | None = field(default=None, metadata=AT_LEAST_ONE)
     train: dict[str, Any] | None = None  # more Ultralytics training keys for this method, over ``budget.train``
 

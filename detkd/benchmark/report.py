@@ -235,10 +235,9 @@ def _figure(width: float = 7.0, height: float = 4.5):
 def curve_axis(methods: list[dict]) -> tuple[str, list[list[float]]]:
     """The x values of each method's mAP curve: its epochs, or, where methods train different numbers of epochs (a
     method on more images matching the others' iterations), the share of its run each epoch ends, in %."""
-    lengths = {len(r["map_per_epoch"]) for r in methods if r["map_per_epoch"]}
-    if len(lengths) <= 1:
-        return "epoch", [list(range(1, len(r["map_per_epoch"]) + 1)) for r in methods]
     n = [len(r["map_per_epoch"]) for r in methods]
+    if len(set(n) - {0}) <= 1:
+        return "epoch", [list(range(1, k + 1)) for k in n]
     return "% of the run", [[100 * e / k for e in range(1, k + 1)] for k in n]
 
 
