@@ -15,9 +15,14 @@ both fall back to their no-op stubs when ``openvino_telemetry`` cannot be import
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
+
+# What Ultralytics logs the first time it is imported with a config dir that has no settings.json yet (detkd's own, on
+# a fresh machine), pointing at `yolo settings`: a command that reads the user's config dir, not detkd's.
+FIRST_RUN_NOTICE = "Creating new Ultralytics Settings"
 
 
 def config_dir() -> Path:
@@ -46,7 +51,8 @@ def default_threads() -> int:
 
 
 def set_environment() -> None:
-    """Set Ultralytics' import-time switches. Cheap: imports nothing. A value the user set is kept."""
+    """Set Ultralytics' import-time switches, and keep its first-run notice quiet. Cheap: imports nothing. A value
+    the user set is kept."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "0")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir()))
@@ -55,3 +61,9 @@ def set_environment() -> None:
     # ``import openvino_telemetry`` raises ImportError from now on (a module set to None in sys.modules), so
     # OpenVINO's converter and NNCF send nothing; a process that imported it before detkd keeps it
     sys.modules.setdefault("openvino_telemetry", None)
+    # the filter has to be on Ultralytics' logger before the import that logs the notice; adding it twice is a no-op
+    logging.getLogger("ultralytics").addFilter(_drop_first_run_notice)
+
+
+def _drop_first_run_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(FIRST_RUN_NOTICE)

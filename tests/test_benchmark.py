@@ -165,6 +165,8 @@ def test_methods_are_described_by_what_they_train():
         == "the student alone, on every training image, fully labeled (16 epochs, close_mosaic=2, warmup_epochs=0.47)"
     )
     assert unlabeled["distilled+unlabeled"].endswith("; with unlabeled images (1 per labeled one)")
+    boxes = "; with unlabeled images (1 per labeled one; boxes: the teacher's detections ≥ 0.5)"
+    assert unlabeled["distilled+unlabeled+pseudo"].endswith(boxes)
 
 
 def test_a_profile_finds_recipes_by_path_relative_to_it_or_by_built_in_name(tmp_path):

@@ -68,8 +68,8 @@ def test_unlabeled_profile_gives_each_method_its_data_and_recipe(small_unlabeled
     profile = bench.profile
     assert profile.baseline == "alone"
     seeds = {m.name: m.seeds or profile.seeds for m in profile.methods}
-    assert seeds == {"alone": [0, 1, 2], "distilled": [0, 1, 2], "distilled+unlabeled": [0, 1, 2], "pseudo": [0],
-                     "ceiling": [0, 1, 2]}  # fmt: skip
+    assert seeds == {"alone": [0, 1, 2], "distilled": [0, 1, 2], "distilled+unlabeled": [0, 1, 2],
+                     "distilled+unlabeled+pseudo": [0, 1, 2], "pseudo": [0], "ceiling": [0, 1, 2]}  # fmt: skip
     jobs = {m.name: bench.job(m, 0) for m in profile.methods}
     data = {name: job.train["data"] for name, job in jobs.items()}
     labeled, everything = str(bench.data_yaml), str(bench.all_data)
@@ -79,6 +79,7 @@ def test_unlabeled_profile_gives_each_method_its_data_and_recipe(small_unlabeled
         "alone": labeled,
         "distilled": labeled,
         "distilled+unlabeled": labeled,
+        "distilled+unlabeled+pseudo": labeled,
         "pseudo": str(bench.pseudo_data(0.5)),
         "ceiling": everything,
     }
@@ -94,6 +95,9 @@ def test_unlabeled_profile_gives_each_method_its_data_and_recipe(small_unlabeled
     folder, video = bench.unlabeled
     assert len(list(folder.iterdir())) == 14 and video.suffix == ".mp4" and video.is_file()
     assert unlabeled["pseudo"] is None  # (c) distils only: the task loss stays the labeled images'
+    with_boxes = jobs["distilled+unlabeled+pseudo"].recipe
+    assert with_boxes["unlabeled"] == unlabeled | {"pseudo": {"conf": 0.5, "weight": 1.0}}
+    assert with_boxes["distill"] == recommended
 
     # the teacher trains on other scenes than the students', so it never saw a label of their unlabeled images
     assert bench.teacher.train["data"].endswith("synth_16_8_64px_s1/data.yaml")
@@ -101,12 +105,12 @@ def test_unlabeled_profile_gives_each_method_its_data_and_recipe(small_unlabeled
     own = {name: {k: j.train.get(k) for k in ("epochs", "close_mosaic", "warmup_epochs")} for name, j in jobs.items()}
     default = {"epochs": 100, "close_mosaic": None, "warmup_epochs": None}  # Ultralytics': 10 and 3 (18 iterations)
     assert own == {
-        **dict.fromkeys(("alone", "distilled", "distilled+unlabeled"), default),
+        **dict.fromkeys(("alone", "distilled", "distilled+unlabeled", "distilled+unlabeled+pseudo"), default),
         "pseudo": {"epochs": 13, "close_mosaic": 1, "warmup_epochs": 0.39},  # 46 batches an epoch: 18 iterations
         "ceiling": {"epochs": 16, "close_mosaic": 2, "warmup_epochs": 0.47},  # 38: 18
     }
     shared = [{k: v for k, v in j.train.items() if k not in ("name", "data", *own["pseudo"])} for j in jobs.values()]
-    assert all(s == shared[0] for s in shared)
+    assert all(s == shared[0] for s in shared) and shared[0]["nbs"] == 16  # one optimizer step a batch
 
 
 @pytest.mark.parametrize(

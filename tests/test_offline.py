@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from detkd.runtime import FIRST_RUN_NOTICE
+
 # Run in a fresh interpreter, so that the sockets are blocked before anything imports Ultralytics or torch. Each
 # attempt is also appended to <work>.attempts: a forked child process (OpenVINO's telemetry sends from one) inherits
 # the blocked sockets but not the list.
@@ -78,7 +80,7 @@ def _run_offline(pipeline: str, tmp_path: Path) -> dict:
     assert result["attempts"] == []
     record = tmp_path / "work.attempts"
     assert not record.exists(), record.read_text()  # nor a child process
-    return result
+    return result | {"output": proc.stdout + proc.stderr}
 
 
 def test_build_train_val_export_never_touches_the_network(tmp_path):
@@ -91,6 +93,8 @@ def test_build_train_val_export_never_touches_the_network(tmp_path):
     assert (home / ".config" / "detkd" / "Ultralytics" / "settings.json").is_file()
     assert (home / ".config" / "detkd" / "Ultralytics" / "Arial.ttf").is_file()
     assert not (home / ".config" / "Ultralytics").exists()
+    # created quietly: Ultralytics' notice would send the user to `yolo settings`, which reads their own dir
+    assert FIRST_RUN_NOTICE not in result["output"]
 
 
 OPENVINO = BLOCKED_NETWORK + textwrap.dedent(
