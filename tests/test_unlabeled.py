@@ -275,6 +275,22 @@ def test_the_unlabeled_loader_draws_other_augmentations_than_the_labeled_one(syn
     assert unlabeled.generator.initial_seed() != labeled.generator.initial_seed()  # it seeds shuffle and workers
 
 
+def test_each_pass_of_the_unlabeled_loader_has_its_own_order_under_ddp():
+    """A DistributedSampler shuffles by the epoch it is told; told none, every pass would repeat the first order."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from detkd.engine.trainer import DetkdTrainer
+
+    sampler = DistributedSampler(list(range(32)), num_replicas=2, rank=0, shuffle=True, seed=0)
+    trainer = SimpleNamespace(unlabeled_loader=DataLoader(list(range(32)), batch_size=16, sampler=sampler),
+                              _unlabeled_batches=None, _unlabeled_passes=0)  # fmt: skip
+    passes = [DetkdTrainer._next_unlabeled(trainer).tolist() for _ in range(3)]  # 16 of 32 on rank 0: a batch a pass
+    assert sampler.epoch == 2 and trainer._unlabeled_passes == 3
+    assert len({tuple(p) for p in passes}) == 3
+
+
 def test_a_two_stage_teachers_detections_become_pseudo_boxes_in_student_classes():
     """A torchvision teacher has no dense head: its own final detections are the pseudo-boxes, its class-logit
     columns (1 ... K) mapped to the student's classes by name."""

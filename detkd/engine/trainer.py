@@ -68,6 +68,7 @@ class DetkdTrainer(DetectionTrainer):
     frames: FrameSet | None = None  # the recipe's unlabeled frames, when the caller collected them already
     unlabeled_loader = None  # Ultralytics' InfiniteDataLoader over them
     _unlabeled_batches = None  # its current pass
+    _unlabeled_passes = 0  # passes begun
     _unlabeled_mosaic_closed = False
 
     def __init__(self, *args, **kwargs):
@@ -149,9 +150,14 @@ class DetkdTrainer(DetectionTrainer):
         return super().preprocess_batch(batch)
 
     def _next_unlabeled(self) -> dict:
-        """The unlabeled loader, cycled: a new pass (new shuffle) whenever one ends."""
+        """The unlabeled loader, cycled: a new pass (new shuffle) whenever one ends. Under DDP its sampler is told
+        the pass, as Ultralytics tells the labeled loader's the epoch: a DistributedSampler shuffles by its epoch, the
+        same on every rank, and would repeat one order for every pass."""
         for _ in range(2):
             if self._unlabeled_batches is None:
+                if hasattr(self.unlabeled_loader.sampler, "set_epoch"):
+                    self.unlabeled_loader.sampler.set_epoch(self._unlabeled_passes)
+                self._unlabeled_passes += 1
                 self._unlabeled_batches = iter(self.unlabeled_loader)
             try:
                 return next(self._unlabeled_batches)
