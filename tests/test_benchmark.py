@@ -293,7 +293,7 @@ def test_report_written_from_fake_results(tmp_path):
         "date": "2025-01-01T00:00:00",
         "machine": {"cpus": 2, "torch_threads": 2, "device": "AMD EPYC"},
         "data": {"synthetic": {"train": 450, "val": 150, "imgsz": 160, "seed": 0}, "yaml": None},
-        "budget": {"epochs": 20, "imgsz": 160, "batch": 16},
+        "budget": {"epochs": 20, "imgsz": 160, "batch": 16, "train": {"nbs": 16}},
         "student": "yolov8n.yaml",
         "teacher": {"model": "yolov8s.yaml", "epochs": 60, "checkpoint": None, "metrics": {"AP": 0.42}},
         "baseline": "alone",
@@ -301,11 +301,14 @@ def test_report_written_from_fake_results(tmp_path):
         "runs": RUNS,
         "failed": ["runs/fgd_s0"],
     }
+    methods[1]["chain"] = ["yolov8s.yaml"]  # kd through an assistant
     write_report(report, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["methods"][1]["method"] == "kd"
     md = (tmp_path / "results.md").read_text()
     assert "`python tools/benchmark.py --profile fake`" in md and "2 CPUs, 2 torch threads, AMD EPYC" in md
     assert "teacher yolov8s.yaml (60 epochs): AP 0.4200; baseline (alone): AP 0.3200 ± 0.0200" in md
+    assert "budget: 20 epochs at 160 px, batch 16, nbs=16; student yolov8n.yaml" in md  # the budget's own keys
+    assert "(a chain's counts its student's epochs only: its assistants train in the same run, before it)" in md
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())}
     assert rows["kd"][1] == "0.3700 ± 0.0141" and rows["kd"][6] == "n/a"
     assert rows["kd"][7:] == ["2", "+0.0500 (+0.0600, +0.0600)", "2.5", "50.0 %", "1.50×", "1200"]
@@ -369,6 +372,7 @@ def test_tiny_benchmark_runs_every_kind_of_method_reports_and_resumes(synth_data
     md = (out / "results.md").read_text()
     assert all(f"| {name} | " in md for name in runs) and (out / "gains.png").is_file()
     assert "- logit: soft class targets ×1\n" in md and "- builtin: Ultralytics' built-in distillation" in md
+    assert "a chain's counts" not in md  # no chain in this profile
 
     # nothing left: no run starts, no record is rewritten
     assert main(args) == 0

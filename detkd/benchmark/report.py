@@ -99,9 +99,10 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
     runs = bench.finished_runs()
     teacher_ap = teacher and teacher["metrics"]["AP"]
     methods = summarise(runs, [m.name for m in profile.methods], profile.baseline, teacher_ap, profile.ceiling)
-    kinds = {m.name: m.kind for m in profile.methods}
-    trained_on = {m.name: m.data for m in profile.methods}
-    what = {m.name: describe_method(m, profile.student) for m in profile.methods}
+    about = {
+        m.name: {"kind": m.kind, "data": m.data, "what": describe_method(m, profile.student), "chain": m.chain or []}
+        for m in profile.methods
+    }
     return {
         "profile": profile.name,
         "command": command,
@@ -113,10 +114,7 @@ def build_report(bench: Bench, command: str = "", failed: Sequence[str] = ()) ->
         "teacher": {**asdict(profile.teacher), "metrics": teacher and teacher["metrics"]},
         "baseline": profile.baseline,
         "ceiling": profile.ceiling,
-        "methods": [
-            {**row, "kind": kinds[row["method"]], "data": trained_on[row["method"]], "what": what[row["method"]]}
-            for row in methods
-        ],
+        "methods": [{**row, **about[row["method"]]} for row in methods],
         "runs": [{k: v for k, v in r.items() if k != "job"} for r in runs],
         "failed": list(failed),
     }
@@ -164,8 +162,9 @@ def format_markdown(report: dict) -> str:
         f"`{report['command']}` ({report['date']})",
         "",
         f"- machine: {m['cpus']} CPUs, {m['torch_threads']} torch threads, {m['device']}",
-        f"- data: {data}; budget: {b['epochs']} epochs at {b['imgsz']} px, batch {b['batch']}; student "
-        f"{report['student']}",
+        f"- data: {data}; budget: {b['epochs']} epochs at {b['imgsz']} px, batch {b['batch']}"
+        + "".join(f", {k}={v}" for k, v in b.get("train", {}).items())
+        + f"; student {report['student']}",
         f"- teacher {teacher_name}: AP {teacher_ap}; baseline ({report['baseline']}): AP "
         + (_pm(base["metrics"]["AP"]) if base else "—"),
         *_trained_on(report["methods"]),
@@ -195,7 +194,13 @@ def format_markdown(report: dict) -> str:
         "baseline's, then (in brackets) seed by seed where both ran. Gain/σ: the gain over the standard deviation of "
         "the baseline's AP over its seeds (2 or more seeds of each). Gap closed: (AP − AP_alone) / (AP_teacher − "
         "AP_alone). Time/run: wall time of a run (training and validation) over the baseline's; per epoch the same, "
-        "where a method trains the baseline's epochs. Peak memory: "
+        "where a method trains the baseline's epochs"
+        + (
+            " (a chain's counts its student's epochs only: its assistants train in the same run, before it)"
+            if any(r.get("chain") for r in report["methods"])
+            else ""
+        )
+        + ". Peak memory: "
         f"{memory} of the training process (data-loading workers not included), the largest over seeds."
         + (
             f" Labels recovered: (AP − AP_{report['baseline']}) / (AP_{ceiling} − AP_{report['baseline']}), the "
