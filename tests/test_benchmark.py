@@ -308,7 +308,7 @@ def test_report_written_from_fake_results(tmp_path):
     assert "`python tools/benchmark.py --profile fake`" in md and "2 CPUs, 2 torch threads, AMD EPYC" in md
     assert "teacher yolov8s.yaml (60 epochs): AP 0.4200; baseline (alone): AP 0.3200 ± 0.0200" in md
     assert "budget: 20 epochs at 160 px, batch 16, nbs=16; student yolov8n.yaml" in md  # the budget's own keys
-    assert "(a chain's counts its student's epochs only: its assistants train in the same run, before it)" in md
+    assert "(a chain's counts its student's epochs only, not its assistants' training before them)" in md
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in md.splitlines())}
     assert rows["kd"][1] == "0.3700 ± 0.0141" and rows["kd"][6] == "n/a"
     assert rows["kd"][7:] == ["2", "+0.0500 (+0.0600, +0.0600)", "2.5", "50.0 %", "1.50×", "1200"]

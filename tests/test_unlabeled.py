@@ -284,10 +284,10 @@ def test_each_pass_of_the_unlabeled_loader_has_its_own_order_under_ddp():
     from detkd.engine.trainer import DetkdTrainer
 
     sampler = DistributedSampler(list(range(32)), num_replicas=2, rank=0, shuffle=True, seed=0)
-    trainer = SimpleNamespace(unlabeled_loader=DataLoader(list(range(32)), batch_size=16, sampler=sampler),
-                              _unlabeled_batches=None, _unlabeled_passes=0)  # fmt: skip
+    loader = DataLoader(list(range(32)), batch_size=16, sampler=sampler)
+    trainer = SimpleNamespace(unlabeled_loader=loader, _unlabeled_batches=None, _unlabeled_passes=4)  # a resumed run's
     passes = [DetkdTrainer._next_unlabeled(trainer).tolist() for _ in range(3)]  # 16 of 32 on rank 0: a batch a pass
-    assert sampler.epoch == 2 and trainer._unlabeled_passes == 3
+    assert sampler.epoch == 6 and trainer._unlabeled_passes == 7
     assert len({tuple(p) for p in passes}) == 3
 
 

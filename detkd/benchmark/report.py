@@ -196,7 +196,7 @@ def format_markdown(report: dict) -> str:
         "AP_alone). Time/run: wall time of a run (training and validation) over the baseline's; per epoch the same, "
         "where a method trains the baseline's epochs"
         + (
-            " (a chain's counts its student's epochs only: its assistants train in the same run, before it)"
+            " (a chain's counts its student's epochs only, not its assistants' training before them)"
             if any(r.get("chain") for r in report["methods"])
             else ""
         )

@@ -152,7 +152,8 @@ class DetkdTrainer(DetectionTrainer):
     def _next_unlabeled(self) -> dict:
         """The unlabeled loader, cycled: a new pass (new shuffle) whenever one ends. Under DDP its sampler is told
         the pass, as Ultralytics tells the labeled loader's the epoch: a DistributedSampler shuffles by its epoch, the
-        same on every rank, and would repeat one order for every pass."""
+        same on every rank, and would repeat one order for every pass. Like Ultralytics' it lags a pass: the loader's
+        workers prefetch, so the next pass's order is drawn before the current pass ends."""
         for _ in range(2):
             if self._unlabeled_batches is None:
                 if hasattr(self.unlabeled_loader.sampler, "set_epoch"):
@@ -176,6 +177,8 @@ class DetkdTrainer(DetectionTrainer):
         batch = max(1, round(self.train_loader.batch_size * cfg.ratio))
         dataset = internals.unlabeled_dataset(self.args, image_list, self.data, batch, stride)
         self.unlabeled_loader = internals.build_dataloader(dataset, batch, self.args.workers, LOCAL_RANK, self.device)
+        # a resumed run goes on with the passes' orders where the killed one was (one unlabeled batch a labeled one)
+        self._unlabeled_passes = self.start_epoch * len(self.train_loader) // len(self.unlabeled_loader)
         LOGGER.info(f"detkd: {batch} unlabeled images join each batch of {self.train_loader.batch_size} labeled ones")
 
     def optimizer_step(self):
