@@ -2,8 +2,9 @@
 
 Ultralytics reads its switches from the environment once, at import: ``YOLO_OFFLINE`` (no DNS probe, telemetry
 or update checks), ``YOLO_AUTOINSTALL`` (no ``pip install`` behind the user's back) and ``YOLO_CONFIG_DIR``
-(where ``settings.json`` and fonts live). ``detkd/__init__.py`` calls :func:`set_environment` so that every import
-of detkd sets them first; :func:`detkd.ultralytics_internals.ultralytics_offline` then patches what is left once
+(where ``settings.json`` and fonts live), and logs a first-run notice when that dir has no settings yet (filtered
+here: see ``FIRST_RUN_NOTICE``). ``detkd/__init__.py`` calls :func:`set_environment` so that every import of detkd
+sets them first; :func:`detkd.ultralytics_internals.ultralytics_offline` then patches what is left once
 Ultralytics is imported (the font download, the settings that enable hub sync and logger integrations, the
 1-thread CPU default, checkpoint loading).
 
